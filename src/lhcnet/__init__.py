@@ -1,0 +1,8 @@
+"""lhcnet: LHC-Net (Local multi-Head Channel self-attention, arXiv 2111.07224) in PyTorch."""
+from .models import (create_model, freeze_except_gates, insert_lhc, list_models, load_model,
+                     save_model)
+from .nn import LHC
+
+__version__ = "0.1.0"
+__all__ = ["LHC", "create_model", "freeze_except_gates", "insert_lhc", "list_models", "load_model",
+           "save_model", "__version__"]

@@ -1,0 +1,221 @@
+"""Model registry and model files.
+
+``create_model(name, num_classes=7, **overrides)`` builds a registered model; ``save_model`` writes
+its weights as safetensors with the model's name and settings in the metadata, so that
+``load_model(path)`` rebuilds it from the file alone. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbones import resnet18v2_48, resnet34v2
+from .lhcnet import PAPER_BLOCKS, PAPER_GATES, LHCBlock, insert_lhc
+from .torchvision_resnet import TorchvisionResNet
+
+__all__ = ["ModelSpec", "register_model", "list_models", "model_spec", "create_model", "save_model",
+           "load_model", "read_model_metadata", "load_backbone_weights", "COMPACT_BLOCKS",
+           "TORCHVISION_BLOCKS", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "lhcnet"
+
+# Compact LHC-Net for 48x48 input (resnet18v2_48: maps 24x24x48, 24x24x48, 12x12x96, 6x6x192,
+# 3x3x384). Heads mirror the paper's 8, 8, 7, 7, 1 as far as whole rows allow (3, 3, 2, 1, 3
+# rows per head) and embed dims keep the paper's d ~ r/2 (196/392, 56/112, 14/28, 25/49).
+COMPACT_BLOCKS: tuple[LHCBlock, ...] = (
+    LHCBlock("stem", 48, 24, heads=8, embed_dim=36),
+    LHCBlock("stage1", 48, 24, heads=8, embed_dim=36),
+    LHCBlock("stage2", 96, 12, heads=6, embed_dim=12),
+    LHCBlock("stage3", 192, 6, heads=6, embed_dim=3),
+    LHCBlock("stage4", 384, 3, heads=1, embed_dim=5),
+)
+# torchvision ResNet-18/34 at 224x224 have the same map sizes as ResNet34v2: reuse the paper's
+# settings at the equivalent places.
+TORCHVISION_BLOCKS: tuple[LHCBlock, ...] = tuple(
+    LHCBlock(f"net.{place}", **{k: v for k, v in vars(b).items() if k != "place"})
+    for place, b in zip(("maxpool", "layer1", "layer2", "layer3", "layer4"), PAPER_BLOCKS))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its backbone builder, LHC blocks (if any) and LHC-NetC gates (if any)."""
+
+    name: str
+    backbone: Callable[..., nn.Module]
+    blocks: tuple[LHCBlock, ...] = ()
+    gates: tuple[float, ...] | None = None
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> int:
+        return self.defaults.get("input_size", 224)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _register_family(base: str, backbone: Callable[..., nn.Module], blocks: tuple[LHCBlock, ...],
+                     what: str, input_size: int) -> None:
+    defaults = {"input_size": input_size}
+    register_model(ModelSpec(base, backbone, description=what, defaults=defaults))
+    register_model(ModelSpec(f"lhcnet_{base}", backbone, blocks,
+                             description=f"LHC-Net: {what} + {len(blocks)} LHC blocks", defaults=defaults))
+    register_model(ModelSpec(f"lhcnetc_{base}", backbone, blocks, PAPER_GATES,
+                             description=f"LHC-NetC: LHC-Net on {what} with trainable gates",
+                             defaults=defaults))
+
+
+_register_family("resnet34v2", resnet34v2, PAPER_BLOCKS, "pre-activation ResNet-34 (paper), 224 px", 224)
+_register_family("resnet18v2_48", resnet18v2_48, COMPACT_BLOCKS, "compact pre-act ResNet-18, 48 px", 48)
+_register_family("tv_resnet18", lambda num_classes=7, **kw: TorchvisionResNet("resnet18", num_classes, **kw),
+                 TORCHVISION_BLOCKS, "torchvision ResNet-18, 224 px", 224)
+_register_family("tv_resnet34", lambda num_classes=7, **kw: TorchvisionResNet("resnet34", num_classes, **kw),
+                 TORCHVISION_BLOCKS, "torchvision ResNet-34, 224 px", 224)
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model``."""
+    return sorted(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, num_classes: int = 7, pretrained: str | os.PathLike | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: one of ``list_models()``.
+        num_classes: classifier outputs (7 for FER2013, 8 for FER+).
+        pretrained: backbone initialisation: None (random), ``"imagenet"`` or a path to a
+            safetensors file of backbone weights (see ``load_backbone_weights``).
+        overrides: keyword arguments of the backbone builder (e.g. ``dropout``, ``head_hidden``).
+    """
+    spec = model_spec(name)
+    model = spec.backbone(num_classes=num_classes, **overrides)
+    if pretrained is not None:
+        load_backbone_weights(model, pretrained, name)
+    if spec.blocks:
+        insert_lhc(model, spec.blocks, spec.gates)
+    model.lhcnet_config = {"name": name, "num_classes": num_classes, "settings": dict(overrides)}
+    return model
+
+
+def default_weights_dir() -> Path:
+    return Path(os.environ.get("LHCNET_HOME", Path.home() / ".cache" / "lhcnet")) / "weights"
+
+
+def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str = "") -> None:
+    """Load ImageNet (or other) backbone weights by parameter name; the classifier head is skipped.
+
+    ``source="imagenet"``: for ``tv_*`` models torchvision's weights (downloaded by torchvision);
+    for the pre-activation ResNets the converted qubvel file ``<LHCNET_HOME>/weights/<name>_imagenet
+    .safetensors``. Otherwise ``source`` is a safetensors file.
+    """
+    if str(source) == "imagenet":
+        if isinstance(model, TorchvisionResNet):
+            model.load_imagenet()
+            return
+        base = name.removeprefix("lhcnetc_").removeprefix("lhcnet_") or "resnet34v2"
+        path = default_weights_dir() / f"{base}_imagenet.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"ImageNet weights for {base} not found at {path}. Without internet access they "
+                "cannot be downloaded here. On a machine with internet, download qubvel's "
+                "'resnet34_imagenet_1000_no_top.h5' (https://github.com/qubvel/classification_models/"
+                "releases/download/0.0.1/resnet34_imagenet_1000_no_top.h5, md5 "
+                "8caaa0ad39d927cb8ba5385bf945d582), then run 'lhcnet convert-weights "
+                f"resnet34_imagenet_1000_no_top.h5 -o {path}' (or set LHCNET_HOME).")
+        source = path
+    state = load_file(str(source))
+    own = model.state_dict()
+    backbone_keys = {k for k in own if not k.startswith(("head.", "lhc.", "net.fc."))}
+    missing = sorted(backbone_keys - set(state))
+    if missing:
+        raise ValueError(f"{source}: backbone weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    for key in backbone_keys:
+        if state[key].shape != own[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
+                             f"the model expects {tuple(own[key].shape)}")
+    model.load_state_dict({k: state[k] for k in backbone_keys}, strict=False)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write weights (optionally cast to ``dtype``, e.g. fp16) and settings atomically."""
+    config = getattr(model, "lhcnet_config", None)
+    if config is None:
+        raise ValueError("save_model needs a model made by lhcnet.create_model (it has no lhcnet_config)")
+    model = getattr(model, "module", model)  # DDP / compiled wrappers
+    model = getattr(model, "_orig_mod", model)
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[key] = tensor.contiguous()
+    meta = {"format_version": FORMAT_VERSION, **config, "info": extra or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON settings stored in a model file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model file not found: {path}") from None
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path}: not a safetensors model file ({exc})") from None
+    if raw is None:
+        raise ValueError(f"{path}: safetensors file without lhcnet metadata (not saved by lhcnet.save_model)")
+    return json.loads(raw)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a file written by ``save_model`` (weights in float32, eval mode)."""
+    meta = read_model_metadata(path)
+    settings = dict(meta.get("settings", {}))
+    if "head_hidden" in settings:  # JSON has no tuples
+        settings["head_hidden"] = tuple(settings["head_hidden"])
+    model = create_model(meta["name"], num_classes=meta["num_classes"], **settings)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    model.lhcnet_metadata = meta
+    return model.to(device).eval()

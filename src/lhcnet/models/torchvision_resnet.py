@@ -1,0 +1,43 @@
+"""torchvision's (post-activation) ResNets as LHC hosts, taking the same 0-255 RGB input.
+
+The ImageNet mean/std normalisation is a fixed first step, so every lhcnet model sees the same
+input as ResNet34v2 (whose ``bn_data`` layer normalises). Places for LHC blocks: ``net.maxpool``,
+``net.layer1`` ... ``net.layer4``.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class TorchvisionResNet(nn.Module):
+    """``torchvision.models.<arch>`` with a ``num_classes`` classifier and 0-255 input."""
+
+    def __init__(self, arch: str = "resnet34", num_classes: int = 7, input_size: int = 224) -> None:
+        super().__init__()
+        if arch not in ("resnet18", "resnet34", "resnet50"):
+            raise ValueError(f"unsupported torchvision architecture {arch!r}")
+        self.arch, self.input_size = arch, input_size
+        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def load_imagenet(self) -> None:
+        """torchvision's ImageNet weights (downloaded by torchvision; needs internet once)."""
+        weights = torchvision.models.get_model_weights(self.arch).DEFAULT
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # URLError, OSError, ...: no network here
+            raise RuntimeError(
+                f"could not download torchvision's {weights} ({exc}). Offline, download "
+                f"{weights.url} on a machine with internet and put it in "
+                f"{torch.hub.get_dir()}/checkpoints/") from None
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        self.net.load_state_dict(state, strict=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)

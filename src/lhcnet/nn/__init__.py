@@ -1,0 +1,4 @@
+"""Neural-network layers."""
+from .lhc import LHC
+
+__all__ = ["LHC"]
