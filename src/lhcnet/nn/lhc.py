@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LHC"]
+__all__ = ["LHC", "box_mean"]
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -36,6 +36,19 @@ def _glorot_uniform_(tensor: torch.Tensor, fan_in: int, fan_out: int) -> None:
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     with torch.no_grad():
         tensor.uniform_(-bound, bound)
+
+
+def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF 'same' average pooling, stride 1, padding cells not counted (``count_include_pad=False``).
+
+    Computed as a depthwise convolution with a fixed all-ones kernel divided by the number of
+    valid cells: the same numbers as ``F.avg_pool2d``, but its backward pass is 5-10x faster on
+    CPU (oneDNN), which made the pools a fifth of a compact LHC-Net's training step.
+    """
+    channels, pad = x.shape[1], size // 2
+    sums = F.conv2d(x, x.new_ones(channels, 1, size, size), padding=pad, groups=channels)
+    counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), x.new_ones(1, 1, size, size), padding=pad)
+    return sums / counts
 
 
 class LHC(nn.Module):
@@ -126,9 +139,9 @@ class LHC(nn.Module):
             raise ValueError(f"LHC expects input (B, {self.channels}, {self.height}, {self.width}), "
                              f"got {tuple(x.shape)}")
         p = self.pool_size
-        q = F.avg_pool2d(x, p, 1, p // 2, count_include_pad=False)          # (B, C, H, W)  eq. (1)
+        q = box_mean(x, p)                                                   # (B, C, H, W)  eq. (1)
         k = F.max_pool2d(x, p, 1, p // 2)                                    # (B, C, H, W)  eq. (2)
-        v = F.avg_pool2d(self.value_conv(x), 3, 1, 1, count_include_pad=False)  # (B, C, H, W)  eq. (3)
+        v = box_mean(self.value_conv(x), 3)                                  # (B, C, H, W)  eq. (3)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (B, n, C, r)  eqs. (4)-(6)
         bias = self.qk_bias.unsqueeze(1)                                     # (n, 1, d)
         q = torch.einsum("bncr,nrd->bncd", q, self.qk_weight) + bias         # (B, n, C, d)  eqs. (7)-(8)
