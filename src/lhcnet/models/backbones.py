@@ -35,10 +35,9 @@ class BatchNormNoScale(nn.BatchNorm2d):
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM, affine=False)
+        # F.batch_norm takes weight and bias separately: weight None (no scale), this bias is added
+        # once by BatchNorm2d.forward itself (adding it again in a forward override doubled it).
         self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.bias.view(1, -1, 1, 1)
 
 
 class PreActUnit(nn.Module):

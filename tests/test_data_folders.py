@@ -1,0 +1,80 @@
+"""Image folders: root/<class>/... and root/<split>/<class>/..., unreadable files reported."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lhcnet.data import CLASSES_FER2013, SPLITS, load_dataset, load_image_folder
+
+
+def _save(path, value: int, size: int = 48, mode: str = "L", fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), value if mode == "L" else (value,) * 3).save(path, fmt)
+
+
+def test_class_folders(tmp_path):
+    _save(tmp_path / "happy" / "a.png", 10)
+    _save(tmp_path / "happy" / "b.jpg", 20, mode="RGB")
+    _save(tmp_path / "sad" / "c.png", 30, size=96)  # resized to 48
+    (tmp_path / "sad" / "notes.txt").write_text("not an image, ignored")
+    ds = load_image_folder(tmp_path)
+    assert ds.classes == ("happy", "sad") and ds.labels.tolist() == [0, 0, 1]
+    assert ds.images.shape == (3, 48, 48) and ds.images.dtype == np.uint8
+    assert [int(np.median(im)) for im in ds.images] == [10, 20, 30]
+    assert ds.splits.tolist() == [0, 0, 0] and not ds.bad_rows
+
+
+def test_split_folders_and_fer2013_label_set(tmp_path):
+    _save(tmp_path / "train" / "Happy" / "a.png", 1)
+    _save(tmp_path / "train" / "Angry" / "b.png", 2)
+    _save(tmp_path / "val" / "happy" / "c.png", 3)
+    _save(tmp_path / "PrivateTest" / "neutral" / "d.png", 4)
+    ds = load_image_folder(tmp_path, labels="fer2013")
+    assert ds.classes == CLASSES_FER2013
+    by_value = {int(im[0, 0]): (CLASSES_FER2013[y], SPLITS[s])
+                for im, y, s in zip(ds.images, ds.labels, ds.splits)}
+    assert by_value == {1: ("happy", "Training"), 2: ("angry", "Training"),
+                        3: ("happy", "PublicTest"), 4: ("neutral", "PrivateTest")}
+    assert len(ds.split("val")) == 1
+
+
+def test_unreadable_images_are_named_skipped_and_reported(tmp_path, caplog):
+    _save(tmp_path / "happy" / "a.png", 10)
+    (tmp_path / "happy" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "happy" / "empty.png").write_bytes(b"")
+    _save(tmp_path / "sad" / "z.png", 30)
+    truncated = tmp_path / "sad" / "y.png"
+    _save(truncated, 40, size=200)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with caplog.at_level(logging.WARNING):
+        ds = load_image_folder(tmp_path)
+    assert len(ds) == 2 and ds.labels.tolist() == [0, 1]
+    assert sorted(b.path.rsplit("/", 1)[1] for b in ds.bad_rows) == ["broken.jpg", "empty.png", "y.png"]
+    assert all("unreadable image" in b.reason for b in ds.bad_rows)
+    assert "skipped 3 unreadable images" in caplog.text and "broken.jpg" in caplog.text
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no sub-folders"):
+        load_image_folder(tmp_path)
+    (tmp_path / "happy").mkdir()
+    with pytest.raises(ValueError, match="no readable images"):
+        load_image_folder(tmp_path)
+    _save(tmp_path / "smiling" / "a.png", 1)
+    with pytest.raises(ValueError, match="class folder 'smiling' is not a fer2013 class"):
+        load_image_folder(tmp_path, labels="fer2013")
+    with pytest.raises(FileNotFoundError):
+        load_image_folder(tmp_path / "missing")
+
+
+def test_load_dataset_caches_folders(tmp_path, monkeypatch):
+    _save(tmp_path / "faces" / "happy" / "a.png", 10)
+    first = load_dataset(tmp_path / "faces", cache_dir=tmp_path / "cache", image_size=32)
+    assert first.images.shape == (1, 32, 32)
+    monkeypatch.setattr("lhcnet.data.load.load_image_folder",
+                        lambda *a, **k: pytest.fail("folder decoded again"))
+    again = load_dataset(tmp_path / "faces", cache_dir=tmp_path / "cache", image_size=32)
+    np.testing.assert_array_equal(again.images, first.images)
