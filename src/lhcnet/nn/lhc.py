@@ -45,9 +45,11 @@ def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     valid cells: the same numbers as ``F.avg_pool2d``, but its backward pass is 5-10x faster on
     CPU (oneDNN), which made the pools a fifth of a compact LHC-Net's training step.
     """
-    channels, pad = x.shape[1], size // 2
-    sums = F.conv2d(x, x.new_ones(channels, 1, size, size), padding=pad, groups=channels)
-    counts = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), x.new_ones(1, 1, size, size), padding=pad)
+    # Plain-int shapes: kernels built from traced sizes break the TorchScript-based ONNX exporter.
+    channels, height, width, pad = int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), size // 2
+    kernel = torch.ones(channels, 1, size, size, dtype=x.dtype, device=x.device)
+    sums = F.conv2d(x, kernel, padding=pad, groups=channels)
+    counts = F.conv2d(torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device), kernel[:1], padding=pad)
     return sums / counts
 
 

@@ -1,0 +1,189 @@
+"""The training loop on tiny models and separable synthetic data (in-process, one thread)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_models as tm
+from lhcnet.models import load_model
+from lhcnet.train import METRIC_COLUMNS, TIMING_COLUMNS, TrainOptions, load_recipe, train
+from lhcnet.train.checkpoint import load_checkpoint
+from lhcnet.train.trainer import build_model
+
+CHANCE = 1 / 7
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are fastest (and bit-repeatable) on one thread of this shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metric_rows(run_dir: Path, columns=METRIC_COLUMNS) -> list[tuple[str, ...]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [tuple(row[c] for c in columns) for row in csv.DictReader(f)]
+
+
+def train_tiny(tmp: Path, recipe_text: str | None = None, name: str = "run", max_epochs: int = 6,
+               seed: int | None = None, **options):
+    path = tmp / f"{name}.toml"
+    if recipe_text is None:
+        tm.two_stage_recipe(path, max_epochs=max_epochs)
+    else:
+        path.write_text(recipe_text)
+    recipe = load_recipe(path).with_overrides(seed=seed)
+    return train(recipe, tm.synthetic_faces(), tmp / name, TrainOptions(device="cpu", progress=False, **options))
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_stage")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result = train_tiny(tmp)
+    seconds = time.perf_counter() - started
+    torch.set_num_threads(threads)
+    return result, seconds
+
+
+def test_two_stage_recipe_learns_separable_data(two_stage) -> None:
+    result, seconds = two_stage
+    run = result.out_dir
+    print(f"two-stage tiny run: {seconds:.1f} s, final val acc {result.stages[-1]['best_val_acc']:.3f}")
+    assert result.status == "finished" and result.exit_code == 0
+    assert seconds < 60
+    rows = metric_rows(run, METRIC_COLUMNS + TIMING_COLUMNS)
+    assert [r[0] for r in rows] == ["backbone"] * 6 + ["lhc"] * 6
+    assert [int(r[1]) for r in rows] == [1, 2, 3, 4, 5, 6] * 2
+    val_acc = [float(r[5]) for r in rows]
+    assert max(val_acc) >= 0.5 > 3 * CHANCE - 0.1  # chance is 1/7
+    assert float(rows[-1][2]) < float(rows[0][2])  # training loss went down
+    assert {float(r[6]) for r in rows[:6]} == {3e-3} and {float(r[6]) for r in rows[6:]} == {0.01}
+
+    # the best epoch of each stage is kept; the final model is the last stage's best
+    for stage in result.stages:
+        assert stage["best_val_acc"] == max(val_acc[:6] if stage["stage"] == "backbone" else val_acc[6:])
+    final = load_model(result.final)
+    info = final.lhcnet_metadata["info"]
+    assert final.lhcnet_metadata["name"] == "lhcnet_tiny"
+    assert info["recipe"] == "tiny-two-stage" and len(info["classes"]) == 7
+    assert info["val_acc"] == pytest.approx(result.stages[-1]["best_val_acc"])
+    best = load_file(str(run / "lhc-best.safetensors"))
+    assert all(torch.equal(best[k], v) for k, v in load_file(str(result.final)).items())
+    for name in ("config.toml", "train.log", "checkpoint.pt", "training-curves.png", "backbone-best.safetensors"):
+        assert (run / name).stat().st_size > 0, name
+    assert load_recipe(run / "config.toml").stages[1].acceptance.margin == 1.0
+
+    # the acceptance rule of the LHC stage is reported
+    summary = json.loads((run / "summary.json").read_text())
+    acceptance = summary["stages"][1]["acceptance"]
+    assert acceptance["accepted"] == (acceptance["final_train_loss"] < acceptance["start_train_loss"] + 1.0)
+    assert "ACCEPTED" in (run / "train.log").read_text() or "REJECTED" in (run / "train.log").read_text()
+
+
+def test_same_seed_gives_identical_metrics(two_stage, tmp_path) -> None:
+    first, _ = two_stage
+    again = train_tiny(tmp_path, name="again")
+    assert metric_rows(again.out_dir) == metric_rows(first.out_dir)
+    other = train_tiny(tmp_path, name="other", seed=8, max_epochs=2)
+    assert metric_rows(other.out_dir)[:2] != metric_rows(first.out_dir)[:2]
+
+
+def test_lhc_handover_loads_the_backbone_by_name(two_stage) -> None:
+    result, _ = two_stage
+    recipe = load_recipe(result.out_dir / "config.toml")
+    best = load_file(str(result.out_dir / "backbone-best.safetensors"))
+    model = build_model(recipe.stages[1], 7, result.out_dir / "backbone-best.safetensors")
+    state = model.state_dict()
+    assert {k for k in state if k not in best} == {k for k in state if k.startswith("lhc.")} != set()
+    assert all(torch.equal(state[k], v) for k, v in best.items())
+
+
+GATES_RECIPE = """
+name = "tiny-gates"
+paper_jpeg = true
+
+[defaults]
+batch_size = 32
+max_epochs = 2
+patience = 3
+seed = 7
+
+[[stage]]
+name = "lhc"
+model = "lhcnet_tiny"
+optimizer = { type = "adam", lr = 3e-3 }
+
+[[stage]]
+name = "gates"
+from = "previous"
+model = "lhcnetc_tiny"
+trainable = "gates"
+optimizer = { type = "adam", lr = 0.05 }
+"""
+
+
+def test_gates_stage_trains_only_the_gates(tmp_path) -> None:
+    result = train_tiny(tmp_path, GATES_RECIPE)
+    assert result.status == "finished"
+    before = load_file(str(result.out_dir / "lhc-best.safetensors"))
+    after = load_file(str(result.final))
+    changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}
+    # only the two gates moved: every other weight and the BatchNorm statistics stayed frozen
+    assert changed == {"lhc.stem.gate", "lhc.stage2.gate"}
+    assert [round(float(after[k]), 6) for k in sorted(changed)] != [-0.5, 0.0]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_best(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tm, "_forwards", 0)
+    monkeypatch.setenv("LHCNET_TEST_NAN_AT", str(6 * 9 + 9 + 3))  # stage 2, epoch 2, batch 3
+    result = train_tiny(tmp_path)
+    assert result.status == "diverged" and result.exit_code == 3
+    assert "training loss is not finite: nan at epoch 2 batch 3" in result.message
+    assert "training loss is not finite" in (result.out_dir / "train.log").read_text()
+    best = load_model(result.out_dir / "lhc-best.safetensors")
+    assert best.lhcnet_metadata["info"]["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in best.state_dict().values() if p.is_floating_point())
+    with torch.no_grad():
+        assert torch.isfinite(best(torch.rand(2, 3, 16, 16) * 255)).all()
+    state = load_checkpoint(result.out_dir / "checkpoint.pt")
+    assert state["progress"]["results"][-1]["status"] == "diverged"
+    assert len(metric_rows(result.out_dir)) == 6 + 1  # the diverged epoch is not logged
+    # --resume after a divergence continues after the diverged stage (here: the run ends)
+    monkeypatch.delenv("LHCNET_TEST_NAN_AT")
+    resumed = train(load_recipe(result.out_dir / "config.toml"), tm.synthetic_faces(), result.out_dir,
+                    TrainOptions(device="cpu", progress=False, resume=True))
+    assert resumed.status == "finished" and load_model(resumed.final).lhcnet_metadata["info"]["val_acc"] > CHANCE
+
+
+def test_loss_explosion_before_any_epoch_keeps_nothing(tmp_path) -> None:
+    text = tm.TWO_STAGE_RECIPE.format(max_epochs=2).replace("loss_explosion = 10.0", "loss_explosion = 0.5")
+    result = train_tiny(tmp_path, text)
+    assert result.status == "diverged"
+    assert "exploded" in result.message and "no best weights" in result.message
+    assert not (result.out_dir / "backbone-best.safetensors").exists()
+
+
+def test_existing_run_dir_needs_resume(two_stage) -> None:
+    result, _ = two_stage
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        train(load_recipe(result.out_dir / "config.toml"), tm.synthetic_faces(), result.out_dir,
+              TrainOptions(device="cpu", progress=False))
+    again = train(load_recipe(result.out_dir / "config.toml"), tm.synthetic_faces(), result.out_dir,
+                  TrainOptions(device="cpu", progress=False, resume=True))
+    assert again.status == "finished" and again.message == "already finished"
+    with pytest.raises(ValueError, match="the recipe differs"):
+        train(load_recipe(result.out_dir / "config.toml").with_overrides(seed=1), tm.synthetic_faces(),
+              result.out_dir, TrainOptions(device="cpu", progress=False, resume=True))
+    assert math.isfinite(result.stages[0]["best_val_loss"])

@@ -1,0 +1,160 @@
+"""Recipe files: validation messages, defaults, round trip, and the shipped recipes' numbers."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import tiny_models  # noqa: F401  (registers the tiny models used below)
+from lhcnet.cli import main as lhcnet_main
+from lhcnet.train import AugmentSettings, RecipeError, load_recipe, parse_recipe, recipe_to_toml
+from lhcnet.train.recipe import tomllib
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# docs/lhc-spec.md §4-5, stated once: (model, start, trainable, optimizer, lr, batch, patience,
+# augmentation (rotation, shift, zoom, flip), seed) per stage; every stage max 300 epochs and
+# early stopping on PublicTest accuracy; Adam beta 0.9/0.999 eps 1e-7; SGD momentum 0, no
+# Nesterov; no weight decay; paper's JPEG training images.
+PAPER = {
+    "stage1": ("resnet34v2", "fresh", "all", "adam", 1e-4, 48, 30, (30, 0, 0, True), 5678),
+    "stage2": ("resnet34v2", "previous", "all", "sgd", 0.01, 64, 10, (10, 0.1, 0.1, True), 5678),
+    "stage3": ("resnet34v2", "previous", "all", "sgd", 0.01, 64, 5, (0, 0, 0, False), 1115),
+    "stage4": ("lhcnet_resnet34v2", "previous", "all", "sgd", 0.01, 64, 3, (0, 0, 0, False), 0),
+    "stageC": ("lhcnetc_resnet34v2", "previous", "gates", "adam", 1e-4, 32, 1, (0, 0, 0, False), 0),
+}
+STANDALONE = {  # lr, batch, patience, (rotation, shift, zoom, flip); seed 1; LHC-Net on ImageNet
+    "stage1": ("adam", 1e-4, 48, 8, (30, 0, 0, True)),
+    "stage2": ("sgd", 0.01, 64, 8, (10, 0.1, 0.1, True)),
+    "stage3": ("sgd", 0.01, 64, 8, (0, 0, 0, False)),
+}
+
+
+def augment_tuple(a: AugmentSettings) -> tuple:
+    return (a.rotation, a.shift, a.zoom, a.flip)
+
+
+def test_paper_recipe_encodes_every_number_of_spec_section_5() -> None:
+    recipe = load_recipe(RECIPES / "paper.toml")
+    assert recipe.labels == "fer2013" and recipe.paper_jpeg
+    got = {s.name: (s.model, s.start, s.trainable, s.optimizer.type, s.optimizer.lr, s.batch_size, s.patience,
+                    augment_tuple(s.augment), s.seed) for s in recipe.stages}
+    assert got == PAPER
+    assert list(got) == list(PAPER)  # order
+    for stage in recipe.stages:
+        assert stage.max_epochs == 300 and stage.monitor == "val_acc"
+        assert stage.optimizer.weight_decay == 0
+        if stage.optimizer.type == "adam":
+            assert stage.optimizer.betas == (0.9, 0.999) and stage.optimizer.eps == 1e-7
+        else:
+            assert stage.optimizer.momentum == 0 and not stage.optimizer.nesterov
+    assert recipe.stages[0].pretrained == "imagenet"
+    assert [s.name for s in recipe.stages if s.acceptance] == ["stage4"]  # the stage-4 filter
+    assert recipe.stages[3].acceptance.margin == 0.0  # the paper's X is unknown
+
+
+def test_standalone_recipe() -> None:
+    recipe = load_recipe(RECIPES / "standalone.toml")
+    assert [s.model for s in recipe.stages] == ["lhcnet_resnet34v2"] * 3
+    assert recipe.stages[0].pretrained == "imagenet" and recipe.paper_jpeg
+    got = {s.name: (s.optimizer.type, s.optimizer.lr, s.batch_size, s.patience, augment_tuple(s.augment))
+           for s in recipe.stages}
+    assert got == STANDALONE
+    assert {s.seed for s in recipe.stages} == {1} and {s.max_epochs for s in recipe.stages} == {300}
+
+
+def test_compact_recipe_is_the_48px_protocol() -> None:
+    recipe = load_recipe(RECIPES / "compact.toml")
+    assert [s.model for s in recipe.stages] == ["resnet18v2_48", "resnet18v2_48", "lhcnet_resnet18v2_48",
+                                                 "lhcnetc_resnet18v2_48"]
+    assert [s.start for s in recipe.stages] == ["fresh", "previous", "previous", "previous"]
+    assert recipe.stages[-1].trainable == "gates" and {s.monitor for s in recipe.stages} == {"val_acc"}
+
+
+@pytest.mark.parametrize("name", ["paper", "standalone", "compact"])
+def test_resolved_recipe_round_trips(name: str) -> None:
+    recipe = load_recipe(RECIPES / f"{name}.toml")
+    again = parse_recipe(tomllib.loads(recipe_to_toml(recipe)), "config.toml")
+    assert dataclasses.replace(again, source="") == dataclasses.replace(recipe, source="")
+
+
+BASE = """
+name = "t"
+[defaults]
+batch_size = 8
+patience = 2
+max_epochs = 3
+[[stage]]
+name = "a"
+model = "tiny"
+optimizer = { type = "adam", lr = 1e-3 }
+"""
+
+
+def parse(text: str):
+    return parse_recipe(tomllib.loads(text), "r.toml")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('patiense = 3', "r.toml: stage 1 ('a'): unknown key 'patiense'; allowed keys: name, model, from"),
+    ('trainable = "head"', "stage 1 ('a').trainable = 'head' is not allowed; expected one of 'all', 'lhc', 'gates'"),
+    ('monitor = "acc"', "monitor = 'acc' is not allowed; expected one of 'val_acc', 'val_loss'"),
+    ('augment = { rotate = 10 }', "stage 1 ('a').augment: unknown key 'rotate'; allowed keys: rotation, shift, zoom, flip"),
+    ('augment = { zoom = 1.5 }', "augment.zoom = 1.5 is not allowed; expected a number in [0, 1)"),
+    ('from = "previous"', "from = 'previous' but it is the first stage"),
+    ('batch_size = 0', "batch_size = 0 is not allowed; expected an integer > 0"),
+    ('batch_size = 8.5', "batch_size = 8.5 is not allowed; expected an integer"),
+    ('on_divergence = "retry"', "on_divergence = 'retry' is not allowed; expected one of 'stop', 'continue'"),
+])
+def test_stage_errors_name_the_key_and_the_allowed_values(extra: str, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        parse(BASE + extra + "\n")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE.replace('type = "adam"', 'type = "adamw"'),
+     "optimizer.type = 'adamw' is not allowed; expected one of 'adam', 'sgd'"),
+    (BASE.replace('lr = 1e-3', 'lr = 1e-3, momentum = 0.9'),
+     "optimizer (adam): unknown key 'momentum'; allowed keys: type, lr, betas, eps, weight_decay"),
+    (BASE.replace('model = "tiny"', 'model = "resnet35"'), "model = 'resnet35' is not allowed; expected one of"),
+    (BASE.replace('name = "t"', 'name = "t"\nlabel = "fer2013"'),
+     "top level: unknown key 'label'; allowed keys: name, description, labels"),
+    (BASE.replace('name = "t"', 'name = "t"\nlabels = "affectnet"'),
+     "labels = 'affectnet' is not allowed; expected one of 'fer2013', 'ferplus'"),
+    (BASE.replace('model = "tiny"\n', ''), "stage 1 ('a'): missing required key 'model'"),
+    (BASE.replace("patience = 2\n", ""), "stage 1 ('a'): missing required key 'patience'"),
+    (BASE + '[[stage]]\nname = "a"\nfrom = "previous"\noptimizer = { type = "sgd", lr = 0.1 }\n',
+     "stage 2: name 'a' is used twice"),
+    (BASE + '[[stage]]\nname = "b"\noptimizer = { type = "sgd", lr = 0.1 }\n'
+            'model = "tiny"\nacceptance = { margin = 0.1 }\n', "acceptance needs a stage with from = 'previous'"),
+    ('name = "t"\n', "no stages: add at least one [[stage]] table"),
+])
+def test_recipe_errors(text: str, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        parse(text)
+    assert message in str(err.value)
+
+
+def test_defaults_and_previous_stage_inheritance() -> None:
+    recipe = parse(BASE + '[stage.model_args]\nhead_hidden = [4]\n[[stage]]\nname = "b"\nfrom = "previous"\n'
+                          'model = "lhcnet_tiny"\nbatch_size = 16\noptimizer = { type = "sgd", lr = 0.1 }\n')
+    a, b = recipe.stages
+    assert (a.batch_size, b.batch_size, b.patience, b.max_epochs) == (8, 16, 2, 3)
+    assert b.model_args == {"head_hidden": [4]}  # the previous stage's model settings carry over
+    assert a.optimizer.eps == 1e-7  # Keras' Adam default, not PyTorch's 1e-8
+    assert b.optimizer.momentum == 0.0
+    assert recipe.with_overrides(seed=3, max_epochs=1).stages[1].seed == 3
+    assert recipe.with_overrides(seed=3, max_epochs=1).stages[0].max_epochs == 1
+
+
+def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace("patience = 2", "patience = -2"))
+    code = lhcnet_main(["train", "--recipe", str(bad), "--data", str(tmp_path / "none.csv"),
+                        "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "lhcnet train: error:" in err and "patience = -2 is not allowed; expected an integer > 0" in err
+    assert not (tmp_path / "run").exists()
