@@ -128,7 +128,7 @@ def test_stage_errors_name_the_key_and_the_allowed_values(extra: str, message: s
     (BASE + '[[stage]]\nname = "a"\nfrom = "previous"\noptimizer = { type = "sgd", lr = 0.1 }\n',
      "stage 2: name 'a' is used twice"),
     (BASE + '[[stage]]\nname = "b"\noptimizer = { type = "sgd", lr = 0.1 }\n'
-            'model = "tiny"\nacceptance = { margin = 0.1 }\n', "acceptance needs a stage with from = 'previous'"),
+            'model = "tiny"\nacceptance = { margin = 0.1 }\n', "acceptance needs a stage with 'from'"),
     ('name = "t"\n', "no stages: add at least one [[stage]] table"),
 ])
 def test_recipe_errors(text: str, message: str) -> None:
@@ -158,3 +158,16 @@ def test_cli_reports_a_bad_recipe_in_one_line(tmp_path, capsys) -> None:
     assert code == 2
     assert "lhcnet train: error:" in err and "patience = -2 is not allowed; expected an integer > 0" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_can_start_from_a_model_file(tmp_path) -> None:
+    recipe = parse_recipe({"stage": [{"name": "s4", "from": "runs/backbone.safetensors", "model": "lhcnet_tiny",
+                                      "optimizer": {"type": "sgd", "lr": 0.01}, "batch_size": 4,
+                                      "patience": 1, "max_epochs": 1, "acceptance": {"margin": 0.1}}]})
+    stage = recipe.stages[0]
+    assert (stage.start, stage.init_file) == ("file", "runs/backbone.safetensors")
+    assert 'from = "runs/backbone.safetensors"' in recipe_to_toml(recipe)
+    with pytest.raises(RecipeError, match=r"from.*'previous' or a path to a \.safetensors model file"):
+        parse_recipe({"stage": [{"name": "s", "from": "backbone.pt", "model": "tiny",
+                                 "optimizer": {"type": "sgd", "lr": 0.01}, "batch_size": 4,
+                                 "patience": 1, "max_epochs": 1}]})

@@ -93,12 +93,13 @@ class Acceptance:
 class Stage:
     name: str
     model: str
-    start: str                      # "fresh" or "previous" (the previous stage's best weights)
+    start: str                      # "fresh", "previous" (the previous stage's best weights) or "file"
     optimizer: OptimizerSettings
     batch_size: int
     patience: int
     max_epochs: int
     pretrained: str | None = None   # only for fresh stages
+    init_file: str | None = None    # start = "file": a model file whose weights are loaded by name
     model_args: dict[str, Any] = field(default_factory=dict)
     trainable: str = "all"
     augment: AugmentSettings = AugmentSettings()
@@ -239,16 +240,19 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
     _check(isinstance(name, str) and bool(NAME_PATTERN.match(name)), f"{where}.name", name,
            "letters, digits, '_' or '-' (it names the stage's files)")
 
-    start = "previous" if "from" in raw else "fresh"
-    if start == "previous":
-        _check(raw["from"] == "previous", f"{where}.from", raw["from"], "'previous' (or leave it out)")
-        if previous is None:
+    start, init_file = "fresh", None
+    if "from" in raw:
+        source = raw["from"]
+        _check(isinstance(source, str) and (source == "previous" or source.endswith(".safetensors")),
+               f"{where}.from", source, "'previous' or a path to a .safetensors model file (or leave it out)")
+        start, init_file = ("previous", None) if source == "previous" else ("file", source)
+        if start == "previous" and previous is None:
             raise RecipeError(f"{where}: from = 'previous' but it is the first stage")
         _check("pretrained" not in raw, f"{where}.pretrained", raw.get("pretrained"),
-               "no 'pretrained' in a stage that starts from the previous one")
+               "no 'pretrained' in a stage that starts from trained weights ('from')")
     model = raw.get("model", previous.model if start == "previous" else None)
     if model is None:
-        raise RecipeError(f"{where}: missing required key 'model' (a fresh stage needs a model; or set "
+        raise RecipeError(f"{where}: missing required key 'model' (a stage needs a model unless "
                           "from = 'previous')")
     _check(model in models, f"{where}.model", model, "one of " + ", ".join(models))
     pretrained = raw.get("pretrained")
@@ -268,11 +272,12 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
         acceptance = Acceptance(margin=_number(acceptance, "margin", f"{where}.acceptance", 0.0),
                                 on_reject=_choice(acceptance, "on_reject", f"{where}.acceptance", ON_STOP,
                                                   "stop"))
-        if start != "previous":
-            raise RecipeError(f"{where}.acceptance needs a stage with from = 'previous' (it compares "
-                              "with the previous stage's model)")
+        if start == "fresh":
+            raise RecipeError(f"{where}.acceptance needs a stage with 'from' (it compares with the "
+                              "model the stage starts from)")
     return Stage(
-        name=name, model=model, start=start, pretrained=pretrained, model_args=dict(model_args),
+        name=name, model=model, start=start, pretrained=pretrained, init_file=init_file,
+        model_args=dict(model_args),
         trainable=_choice(raw, "trainable", where, TRAINABLE, "all"),
         optimizer=_parse_optimizer(optimizer, f"{where}.optimizer"),
         batch_size=_number(raw, "batch_size", where, integer=True, positive=True),
@@ -372,6 +377,8 @@ def recipe_to_toml(recipe: Recipe) -> str:
         lines += ["", "[[stage]]", f"name = {_toml_value(stage.name)}"]
         if stage.start == "previous":
             lines.append('from = "previous"')
+        elif stage.start == "file":
+            lines.append(f"from = {_toml_value(stage.init_file)}")
         lines.append(f"model = {_toml_value(stage.model)}")
         if stage.pretrained is not None:
             lines.append(f"pretrained = {_toml_value(stage.pretrained)}")

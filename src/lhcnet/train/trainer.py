@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from ..models import create_model, freeze_except_gates, save_model, set_batchnorm_eval
+from ..models import create_model, freeze_except_gates, load_model, save_model, set_batchnorm_eval
 from .checkpoint import (CHECKPOINT_NAME, atomic_write_text, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .distributed import Distributed, setup_distributed
@@ -227,8 +227,9 @@ def model_args(stage: Stage) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in stage.model_args.items()}
 
 
-def build_model(stage: Stage, num_classes: int, previous_best: Path | None) -> nn.Module:
-    """A fresh model, or this stage's model with the previous stage's best weights (by name).
+def build_model(stage: Stage, num_classes: int, start_from: Path | None) -> nn.Module:
+    """A fresh model, or this stage's model with the weights it starts from (by name): the previous
+    stage's best, or the stage's ``from`` model file.
 
     Going from a backbone to its LHC version, only the new ``lhc.*`` weights are missing (they
     keep their random initialisation): the paper's stage-4 handover.
@@ -240,15 +241,15 @@ def build_model(stage: Stage, num_classes: int, previous_best: Path | None) -> n
     except TypeError as exc:
         raise ValueError(f"stage {stage.name!r}: model_args {stage.model_args} do not fit "
                          f"{stage.model!r} ({exc})") from None
-    if stage.start == "previous":
+    if stage.start != "fresh":
         try:
-            missing, unexpected = model.load_state_dict(load_file(str(previous_best)), strict=False)
+            missing, unexpected = model.load_state_dict(load_file(str(start_from)), strict=False)
         except RuntimeError as exc:  # shape mismatch
-            raise ValueError(f"stage {stage.name!r}: the previous stage's weights ({previous_best.name}) "
+            raise ValueError(f"stage {stage.name!r}: the starting weights ({start_from}) "
                              f"do not fit {stage.model!r}: {exc}") from None
         not_lhc = [k for k in missing if not k.startswith("lhc.")]
         if unexpected or not_lhc:
-            raise ValueError(f"stage {stage.name!r}: the previous stage's weights ({previous_best.name}) do "
+            raise ValueError(f"stage {stage.name!r}: the starting weights ({start_from}) do "
                              f"not fit {stage.model!r}: unexpected {unexpected[:3]}, missing {not_lhc[:3]}")
     return model
 
@@ -465,6 +466,17 @@ def _finish(run: Run, progress: Progress, status: str, message: str) -> TrainRes
     return TrainResult(status, message, run.out_dir, progress.results, final)
 
 
+def start_weights(run: Run, index: int) -> Path | None:
+    """The model file stage ``index`` starts from: none (fresh), the previous best or ``from``."""
+    stage = run.recipe.stages[index]
+    if stage.start == "file":
+        path = Path(stage.init_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage.name!r}: from = {stage.init_file!r}: no such model file")
+        return path
+    return run.best_path(run.recipe.stages[index - 1]) if stage.start == "previous" else None
+
+
 def _load_best(run: Run, stage: Stage) -> nn.Module:
     model = create_model(stage.model, num_classes=len(run.classes), **model_args(stage))
     model.load_state_dict(load_file(str(run.best_path(stage))))
@@ -479,10 +491,10 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
     resuming = checkpoint is not None and checkpoint["model"] is not None
     if not resuming:
         progress.start_stage(index)
-    previous_best = run.best_path(recipe.stages[index - 1]) if index > 0 else None
+    start_from = start_weights(run, index)
 
     # --- model: fresh or from the previous stage; trainable subset; fresh optimizer
-    model = build_model(stage, len(run.classes), previous_best)
+    model = build_model(stage, len(run.classes), start_from)
     if resuming:
         model.load_state_dict(checkpoint["model"])
     params = set_trainable(model, stage.trainable)
@@ -508,7 +520,7 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
                              stage=stage, device=device, dist=dist)
     n_params = sum(p.numel() for p in params)
     log.info(f"stage {stage.name} ({index + 1}/{len(recipe.stages)}): {stage.model} "
-             f"{'from ' + previous_best.name if stage.start == 'previous' else 'fresh'}"
+             f"{'fresh' if start_from is None else 'from ' + str(start_from)}"
              f"{', pretrained ' + stage.pretrained if stage.pretrained else ''}; trains {stage.trainable} "
              f"({n_params:,} parameters); {stage.optimizer.type} lr {stage.optimizer.lr:g}; batch "
              f"{stage.batch_size}; patience {stage.patience}; at most {stage.max_epochs} epochs")
@@ -519,9 +531,9 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
         train_eval_loader = make_loader(run.training_images(size), run.train_labels, batch_size=eval_batch, size=size,
                                         train=False, stage=stage, device=device, dist=dist)
         if progress.start_train_loss is None:
-            start_model = _load_best(run, recipe.stages[index - 1]).to(device)
+            start_model = load_model(start_from, device)
             progress.start_train_loss, _ = evaluate(start_model, train_eval_loader, dist, options.bf16, False)
-            log.info(f"stage {stage.name}: training loss of the starting model ({previous_best.name}): "
+            log.info(f"stage {stage.name}: training loss of the starting model ({start_from.name}): "
                      f"{progress.start_train_loss:.4f}")
             del start_model
 
