@@ -16,6 +16,11 @@ requires_shared_data = pytest.mark.skipif(
     not FER2013_CSV_GZ.exists(), reason=f"FER2013 not found at {FER2013_CSV_GZ}")
 
 
+# Tests use tiny models: one thread is fastest on a 2-core (often shared) machine and keeps
+# results bit-repeatable. Tests that need more set it themselves.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

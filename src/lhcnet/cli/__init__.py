@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 
 import importlib
-import importlib.util
 
 # One module per command group, in help order.
 COMMAND_MODULES = ["info", "data", "train", "convert", "evaluate", "analyze", "predict", "export"]
@@ -22,8 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lhcnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(f"{__name__}.{name}") is None:
-            continue  # TODO(integration): every group exists once the issues land; then import strictly
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
