@@ -12,7 +12,6 @@ Usage: python benchmarks/lhc_speed.py [--batch 16] [--steps 3] [--threads N]
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -21,10 +20,14 @@ from torch import nn
 
 from lhcnet import LHC, create_model
 from lhcnet.models import lhc_blocks
+from lhcnet.nn.lhc import box_mean
 
 
 class LoopLHC(nn.Module):
-    """The original's shape: one Linear per head in a list, a Python loop over heads."""
+    """The original's shape: one Linear per head in a list, a Python loop over heads.
+
+    Q/K/V are computed exactly as in ``LHC`` (same pools), so the ratio measures the head loop only.
+    """
 
     def __init__(self, ref: LHC) -> None:
         super().__init__()
@@ -38,9 +41,9 @@ class LoopLHC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.ref
         b, c, h, w = x.shape
-        q = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        k = F.max_pool2d(x, 3, 1, 1)
-        v = F.avg_pool2d(r.value_conv(x), 3, 1, 1, count_include_pad=False)
+        q = box_mean(x, r.pool_size)
+        k = F.max_pool2d(x, r.pool_size, 1, r.pool_size // 2)
+        v = box_mean(r.value_conv(x), 3)
         rows = h // r.heads
         outs = []
         for i in range(r.heads):
