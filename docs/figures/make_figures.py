@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lhcnet import Predictor
 from lhcnet.cli import main as lhcnet
 from lhcnet.data import AugmentConfig, BatchLoader, load_dataset
 from lhcnet.models import COMPACT_BLOCKS, LHCBlock, create_model, list_models, save_model
@@ -126,10 +127,12 @@ def main() -> None:
          "--device", "cpu"], log)
     run(["analyze", "blocks", str(model), "--data", args.data, "--out", str(out), "--device", "cpu"], log)
     run(["analyze", "heads", str(model), "--data", args.data, "--out", str(out), "--device", "cpu"], log)
-    # One PrivateTest face as a PNG file, as a user would pass a photo's face crop.
-    test = load_dataset(args.data).split("PrivateTest")
+    # The example photo's face (public domain, examples/README.md) as a crop file, as a user would
+    # pass one: FER2013 images are never put into this repository, figures included.
+    box = Predictor(model=model).predict(HERE.parents[1] / "examples" / "astronaut.jpg")[0]["box"]
+    x, y, w, h = box
     face = args.work / "face.png"
-    Image.fromarray(np.asarray(test.images[int(np.flatnonzero(test.labels == 3)[0])])).save(face)
+    Image.open(HERE.parents[1] / "examples" / "astronaut.jpg").crop((x, y, x + w, y + h)).save(face)
     run(["analyze", "attention", str(model), str(face), "--block", "1",
          "-o", str(out / "attention.png")], log)
     for source, target in ((out / "tta" / "confusion_docs_small.png", "evaluate_confusion_tta.png"),
