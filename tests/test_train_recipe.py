@@ -65,14 +65,29 @@ def test_standalone_recipe() -> None:
 
 
 def test_compact_recipe_is_the_48px_protocol() -> None:
-    recipe = load_recipe(RECIPES / "compact.toml")
-    assert [s.model for s in recipe.stages] == ["resnet18v2_48", "resnet18v2_48", "lhcnet_resnet18v2_48",
-                                                 "lhcnetc_resnet18v2_48"]
-    assert [s.start for s in recipe.stages] == ["fresh", "previous", "previous", "previous"]
+    """The bundled model's recipe: backbone stages 1-3, LHC stage 4, gates stage C (spec §5)."""
+    recipe = load_recipe(RECIPES / "fer2013_compact.toml")
+    assert [s.model for s in recipe.stages] == ["resnet18v2_48"] * 3 + ["lhcnet_resnet18v2_48",
+                                                                       "lhcnetc_resnet18v2_48"]
+    assert [s.start for s in recipe.stages] == ["fresh"] + ["previous"] * 4
     assert recipe.stages[-1].trainable == "gates" and {s.monitor for s in recipe.stages} == {"val_acc"}
+    assert recipe.stages[3].acceptance is not None
 
 
-@pytest.mark.parametrize("name", ["paper", "standalone", "compact"])
+def test_stage4_experiment_recipes_differ_only_in_the_lhc_blocks() -> None:
+    """Sets A and C: the same stage 4 from the same backbone, with and without LHC blocks."""
+    with_lhc = load_recipe(RECIPES / "fer2013_compact_stage4_lhc.toml").stages
+    plain = load_recipe(RECIPES / "fer2013_compact_stage4_plain.toml").stages
+    main_stage4 = load_recipe(RECIPES / "fer2013_compact.toml").stages[3]
+    assert len(with_lhc) == len(plain) == 1
+    assert (with_lhc[0].model, plain[0].model) == ("lhcnet_resnet18v2_48", "resnet18v2_48")
+    assert with_lhc[0].init_file == plain[0].init_file == "runs/compact/stage3-best.safetensors"
+    same = ("optimizer", "batch_size", "patience", "max_epochs", "augment", "acceptance")
+    for key in same:
+        assert getattr(with_lhc[0], key) == getattr(plain[0], key) == getattr(main_stage4, key), key
+
+
+@pytest.mark.parametrize("name", ["paper", "standalone", "fer2013_compact", "fer2013_compact_stage4_lhc"])
 def test_resolved_recipe_round_trips(name: str) -> None:
     recipe = load_recipe(RECIPES / f"{name}.toml")
     again = parse_recipe(tomllib.loads(recipe_to_toml(recipe)), "config.toml")
