@@ -7,7 +7,6 @@ input as ResNet34v2 (whose ``bn_data`` layer normalises). Places for LHC blocks:
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -21,6 +20,8 @@ class TorchvisionResNet(nn.Module):
         super().__init__()
         if arch not in ("resnet18", "resnet34", "resnet50"):
             raise ValueError(f"unsupported torchvision architecture {arch!r}")
+        import torchvision  # here, not at module level: it doubles `import lhcnet`'s time
+
         self.arch, self.input_size = arch, input_size
         self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -28,6 +29,8 @@ class TorchvisionResNet(nn.Module):
 
     def load_imagenet(self) -> None:
         """torchvision's ImageNet weights (downloaded by torchvision; needs internet once)."""
+        import torchvision
+
         weights = torchvision.models.get_model_weights(self.arch).DEFAULT
         try:
             state = weights.get_state_dict(progress=False)
