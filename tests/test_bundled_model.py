@@ -1,0 +1,41 @@
+"""The model shipped inside the package: loads offline, and scores what its card states."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FER2013_CSV_GZ, requires_shared_data
+from lhcnet.data import load_dataset
+from lhcnet.evaluate import predict_probabilities
+from lhcnet.models import load_model
+from lhcnet.predict import bundled_model_path
+
+
+def bundled() -> torch.nn.Module:
+    try:
+        return load_model(bundled_model_path())
+    except FileNotFoundError:
+        pytest.skip("src/lhcnet/weights/default.safetensors is not there yet (train-and-ship issue)")
+
+
+def test_bundled_model_is_small_and_describes_itself() -> None:
+    model = bundled()
+    path = bundled_model_path()
+    info = model.lhcnet_metadata["info"]
+    assert path.stat().st_size <= 25 * 2**20
+    assert info["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    check = info["reference_check"]
+    assert check["split"] == "PublicTest" and check["images"] >= 500
+
+
+@requires_shared_data
+def test_bundled_model_accuracy_on_a_fixed_publictest_subset() -> None:
+    """The first N PublicTest faces: the accuracy stored with the model (and in docs/model-card.md)."""
+    model = bundled()
+    check = model.lhcnet_metadata["info"]["reference_check"]
+    data = load_dataset(FER2013_CSV_GZ, cache_dir=False).split(check["split"])
+    images = torch.from_numpy(data.images[:check["images"]].copy())
+    labels = torch.from_numpy(data.labels[:check["images"]])
+    accuracy = (predict_probabilities(model, images).argmax(1) == labels).double().mean().item()
+    assert abs(accuracy - check["accuracy"]) <= 0.01
+    assert accuracy > 0.6  # far above chance (1/7) and the majority class (25 %)
