@@ -168,3 +168,17 @@ def test_keras_style_initialisation() -> None:
     bound = math.sqrt(6 / (m.head_len + 10))
     assert m.qk_weight.abs().max() <= bound and m.qk_weight.abs().max() > 0.8 * bound
     assert m.qk_bias.abs().sum() == 0 and m.scale_fc.bias.abs().sum() == 0 and m.value_conv.bias.abs().sum() == 0
+
+
+def test_attention_stays_float32_under_bf16_autocast() -> None:
+    """Large raw-stream scores in bfloat16 wrecked the softmax and training diverged (NaN)."""
+    torch.manual_seed(0)
+    m = LHC(16, 8, heads=2, embed_dim=8)
+    x = torch.randn(2, 16, 8, 8) * 30  # pre-activation stream magnitudes
+    reference = m.attention(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn = m.attention(x)
+        y = m(x)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(attn, reference, atol=2e-2, rtol=0)
+    torch.testing.assert_close(y.float(), m(x), atol=0.5, rtol=2e-2)

@@ -145,18 +145,26 @@ class LHC(nn.Module):
         k = F.max_pool2d(x, p, 1, p // 2)                                    # (B, C, H, W)  eq. (2)
         v = box_mean(self.value_conv(x), 3)                                  # (B, C, H, W)  eq. (3)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (B, n, C, r)  eqs. (4)-(6)
-        bias = self.qk_bias.unsqueeze(1)                                     # (n, 1, d)
-        q = torch.einsum("bncr,nrd->bncd", q, self.qk_weight) + bias         # (B, n, C, d)  eqs. (7)-(8)
-        k = torch.einsum("bncr,nrd->bncd", k, self.qk_weight) + bias         # (B, n, C, d)  eqs. (9)-(10)
-        scores = q @ k.transpose(-1, -2)                                     # (B, n, C, C)  eq. (11)
-        s = torch.sigmoid(self.scale_fc(scores.mean(dim=-1)))                # (B, n, C)     eqs. (12)-(13)
-        # eq. (14): N = S / d^(C + s), one divisor per query channel, written as a product of exps.
-        scaled = scores * torch.exp(-(self.scale_c + s) * math.log(self.embed_dim)).unsqueeze(-1)
-        return torch.softmax(scaled, dim=-1), v                              # (B, n, C, C)  eq. (15)
+        # Scores reach 1e2-1e4 on the raw (pre-activation) stream and their softmax is sharp: in
+        # bfloat16 (8-bit mantissa) they blew up and training diverged (NaN), so eqs. (7)-(15) run
+        # in float32 even under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dtype = torch.promote_types(self.qk_weight.dtype, torch.float32)  # float64 stays float64
+            q, k = q.to(dtype), k.to(dtype)
+            weight, bias = self.qk_weight.to(dtype), self.qk_bias.to(dtype).unsqueeze(1)  # (n, r, d), (n, 1, d)
+            q = torch.einsum("bncr,nrd->bncd", q, weight) + bias             # (B, n, C, d)  eqs. (7)-(8)
+            k = torch.einsum("bncr,nrd->bncd", k, weight) + bias             # (B, n, C, d)  eqs. (9)-(10)
+            scores = q @ k.transpose(-1, -2)                                 # (B, n, C, C)  eq. (11)
+            m = scores.mean(dim=-1)                                          # (B, n, C)     eq. (12)
+            s = torch.sigmoid(self.scale_fc(m.to(self.scale_fc.weight.dtype))).to(dtype)  # (B, n, C)  eq. (13)
+            # eq. (14): N = S / d^(C + s), one divisor per query channel, as a product of exps.
+            scaled = scores * torch.exp(-(self.scale_c + s) * math.log(self.embed_dim)).unsqueeze(-1)
+            attn = torch.softmax(scaled, dim=-1)                             # (B, n, C, C)  eq. (15)
+        return attn, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn, v = self._attention_and_values(x)
-        out = attn @ v                                                       # (B, n, C, r)  eq. (16)
+        out = attn.to(v.dtype) @ v                                           # (B, n, C, r)  eq. (16)
         out = out.transpose(1, 2).reshape(x.shape)                           # (B, C, H, W)  eq. (17)
         if self.gate is not None:
             out = (1 + torch.tanh(self.gate)) * out                          # LHC-NetC controller
