@@ -238,3 +238,11 @@ def test_top_level_api() -> None:
     assert lhcnet.LHC is lhcnet.nn.LHC
     assert callable(lhcnet.create_model) and callable(lhcnet.load_model)
     assert math.isclose(lhcnet.LHC(4, 4, heads=2, embed_dim=2).scale_c, 1.0)
+
+
+def test_save_model_unwraps_parallel_wrappers(tmp_path) -> None:
+    model = create_model("resnet18v2_48", head_hidden=(8,)).eval()
+    path = save_model(torch.nn.DataParallel(model), tmp_path / "wrapped.safetensors")
+    assert read_model_metadata(path)["name"] == "resnet18v2_48"
+    x = torch.rand(1, 3, 48, 48) * 255
+    torch.testing.assert_close(load_model(path)(x), model(x), rtol=0, atol=0)

@@ -167,11 +167,11 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str
 def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
                extra: dict[str, Any] | None = None) -> Path:
     """Write weights (optionally cast to ``dtype``, e.g. fp16) and settings atomically."""
+    model = getattr(model, "module", model)  # DDP / DataParallel / compiled wrappers first: they
+    model = getattr(model, "_orig_mod", model)  # do not forward lhcnet_config
     config = getattr(model, "lhcnet_config", None)
     if config is None:
         raise ValueError("save_model needs a model made by lhcnet.create_model (it has no lhcnet_config)")
-    model = getattr(model, "module", model)  # DDP / compiled wrappers
-    model = getattr(model, "_orig_mod", model)
     tensors = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
