@@ -154,17 +154,21 @@ class LHC(nn.Module):
             weight, bias = self.qk_weight.to(dtype), self.qk_bias.to(dtype).unsqueeze(1)  # (n, r, d), (n, 1, d)
             q = torch.einsum("bncr,nrd->bncd", q, weight) + bias             # (B, n, C, d)  eqs. (7)-(8)
             k = torch.einsum("bncr,nrd->bncd", k, weight) + bias             # (B, n, C, d)  eqs. (9)-(10)
-            scores = q @ k.transpose(-1, -2)                                 # (B, n, C, C)  eq. (11)
-            m = scores.mean(dim=-1)                                          # (B, n, C)     eq. (12)
+            # eq. (12) m_i = mean_j S_ij = q_i . mean_j k_j (S is linear in k): a (C, d) product, not a
+            # mean over the (C, C) scores, which dominate the block's cost on deep, wide maps.
+            m = (q @ k.mean(dim=-2).unsqueeze(-1)).squeeze(-1)               # (B, n, C)     eq. (12)
             s = torch.sigmoid(self.scale_fc(m.to(self.scale_fc.weight.dtype))).to(dtype)  # (B, n, C)  eq. (13)
-            # eq. (14): N = S / d^(C + s), one divisor per query channel, as a product of exps.
-            scaled = scores * torch.exp(-(self.scale_c + s) * math.log(self.embed_dim)).unsqueeze(-1)
+            # eq. (14): N = S / d^(C + s), one divisor per query channel (row of S), applied to q before
+            # eq. (11)'s product: N = (q / d^(C + s)) k^T, so no elementwise pass over the (C, C) scores.
+            divisor = torch.exp((self.scale_c + s) * math.log(self.embed_dim)).unsqueeze(-1)  # (B, n, C, 1)
+            scaled = (q / divisor) @ k.transpose(-1, -2)                     # (B, n, C, C)  eqs. (11), (14)
             attn = torch.softmax(scaled, dim=-1)                             # (B, n, C, C)  eq. (15)
         return attn, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn, v = self._attention_and_values(x)
-        out = attn.to(v.dtype) @ v                                           # (B, n, C, r)  eq. (16)
+        # eq. (16) in the attention's precision; V (B, n, C, r) is cast, not the larger (B, n, C, C) map.
+        out = (attn @ v.to(attn.dtype)).to(v.dtype)                          # (B, n, C, r)  eq. (16)
         out = out.transpose(1, 2).reshape(x.shape)                           # (B, C, H, W)  eq. (17)
         if self.gate is not None:
             out = (1 + torch.tanh(self.gate)) * out                          # LHC-NetC controller
