@@ -27,6 +27,24 @@ def test_class_folders(tmp_path):
     assert ds.splits.tolist() == [0, 0, 0] and not ds.bad_rows
 
 
+def test_folder_images_read_like_photos(tmp_path):
+    """16-bit greys are scaled (not clipped), EXIF orientation applied, transparency on white."""
+    tmp_path.joinpath("happy").mkdir()
+    Image.fromarray(np.full((48, 48), 257 * 40, dtype=np.uint16)).save(tmp_path / "happy" / "wide.png")
+    tall = np.zeros((60, 48), dtype=np.uint8)
+    tall[:30] = 200  # top half bright; stored sideways with EXIF "rotate 90 CW to display"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(tall)).save(tmp_path / "happy" / "turned.png", exif=exif)
+    Image.new("LA", (48, 48), (0, 0)).save(tmp_path / "happy" / "clear.png")  # black, fully transparent
+    (tmp_path / "happy" / ".hidden.png").write_bytes(b"macOS metadata, not an image")
+    ds = load_image_folder(tmp_path)
+    clear, turned, wide = ds.images  # sorted by file name
+    assert int(wide[0, 0]) == 40 and int(clear[0, 0]) == 255
+    assert turned[:20].mean() > 190 and turned[-20:].mean() < 10  # upright: bright top half
+    assert not ds.bad_rows
+
+
 def test_split_folders_and_fer2013_label_set(tmp_path):
     _save(tmp_path / "train" / "Happy" / "a.png", 1)
     _save(tmp_path / "train" / "Angry" / "b.png", 2)

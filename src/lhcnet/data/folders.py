@@ -13,20 +13,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..images import IMAGE_SUFFIXES, find_images, load_image
 from .dataset import CLASSES_FER2013, CLASSES_FERPLUS, SPLIT_ALIASES, BadRecord, FaceDataset
 
 __all__ = ["IMAGE_SUFFIXES", "load_image_folder", "read_grey_image"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 _LABEL_SETS = {"fer2013": CLASSES_FER2013, "ferplus": CLASSES_FERPLUS}
 
 
 def read_grey_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image as uint8 ``(image_size, image_size)`` grey (PIL's 'L' conversion)."""
-    with Image.open(path) as image:
-        grey = image.convert("L")
+    """One image as uint8 ``(image_size, image_size)`` grey.
+
+    Read as ``lhcnet.images.load_image`` reads photos (EXIF orientation, alpha on white, 16-bit
+    scaled, decompression-bomb guard), then PIL's 'L' conversion (ITU-R 601 luma; grey stays exact).
+    """
+    grey = Image.fromarray(load_image(path)).convert("L")
     if grey.size != (image_size, image_size):
         grey = grey.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(grey, dtype=np.uint8)
@@ -52,10 +55,10 @@ def load_image_folder(root: str | os.PathLike, labels: str | None = None,
                          f"one of {', '.join(classes)}")
     images, targets, splits, bad = [], [], [], []
     for split, folder in groups:
-        for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for file in find_images(folder):
             try:
                 images.append(read_grey_image(file, image_size))
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            except (OSError, ValueError) as exc:  # lhcnet.images.InputError is a ValueError
                 bad.append(BadRecord(str(file), None, f"unreadable image ({exc})"))
                 continue
             targets.append(lookup[folder.name.lower()])
