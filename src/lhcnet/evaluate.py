@@ -144,14 +144,15 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, batch_size:
     Every batch goes through ``to_model_input`` at ``model.input_size``, exactly as in training.
     With ``views`` (TTA) the forward batch holds ``len(views)`` inputs per face, so the number of
     faces per forward is ``batch_size // len(views)`` (at least one): memory stays bounded by
-    ``batch_size`` either way.
+    ``batch_size`` either way. Inputs and weights are channels-last (NHWC): the same numbers up
+    to float rounding, and oneDNN's convolutions run ~1.5x faster on CPU (60-view TTA is 60 forwards).
     """
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()
     size = int(getattr(model, "input_size", 224))
     step = batch_size if not views else max(1, batch_size // len(views))
     out = []
     for start in range(0, len(images), step):
-        x = to_model_input(images[start:start + step].to(device), size)
+        x = to_model_input(images[start:start + step].to(device), size).contiguous(memory_format=torch.channels_last)
         probs = tta_predict(model, x, views) if views else torch.softmax(model(x).float(), dim=1)
         out.append(probs.float().cpu())
     if not out:
