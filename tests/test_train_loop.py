@@ -215,3 +215,35 @@ acceptance = {{ margin = 1.0, on_reject = "continue" }}
     missing = recipe.replace(str(backbone), str(tmp_path / "nope.safetensors"))
     with pytest.raises(FileNotFoundError, match="no such model file"):
         train_tiny(tmp_path, missing, name="s4-missing")
+
+
+def test_clip_grad_norm_bounds_every_step(two_stage, tmp_path) -> None:
+    """``clip_grad_norm``: each plain-SGD step moves the weights by at most lr x the clip norm."""
+    result, _ = two_stage
+    backbone = result.out_dir / "backbone-best.safetensors"
+    recipe = f"""
+name = "clipped"
+[[stage]]
+name = "s"
+from = "{backbone}"
+model = "tiny"
+optimizer = {{ type = "sgd", lr = 1.0 }}
+batch_size = 32
+patience = 1
+max_epochs = 1
+loss_explosion = 0
+clip_grad_norm = {{clip}}
+"""
+    start = {k: v for k, v in load_file(str(backbone)).items()}
+
+    def moved(clip: float, name: str) -> float:
+        run = train_tiny(tmp_path, recipe.replace("{clip}", repr(clip)), name=name)
+        assert "clip_grad_norm = " + repr(clip) in (run.out_dir / "config.toml").read_text()
+        assert ("gradient norm clipped to 0.0001" in (run.out_dir / "train.log").read_text()) == (clip > 0)
+        end = load_file(str(run.out_dir / "s-best.safetensors"))
+        names = [k for k in start if "running" not in k and "num_batches" not in k]
+        return math.sqrt(sum(float((end[k].double() - start[k].double()).pow(2).sum()) for k in names))
+
+    steps = math.ceil(len(tm.synthetic_faces().split("Training").labels) / 32)
+    assert moved(1e-4, "clipped") <= steps * 1.0 * 1e-4 * (1 + 1e-3)
+    assert moved(0.0, "free") > 100 * steps * 1e-4  # lr 1.0 unclipped moves far

@@ -107,6 +107,7 @@ class Stage:
     seed: int = 0
     eval_batch_size: int = 0        # 0: 2 x batch_size
     loss_explosion: float = 10.0    # stop when a batch loss > factor x max(ln classes, first loss); 0: off
+    clip_grad_norm: float = 0.0     # clip the global gradient L2 norm to this before each step; 0: off
     on_divergence: str = "stop"
     acceptance: Acceptance | None = None
 
@@ -145,7 +146,7 @@ TOP_KEYS = ("name", "description", "labels", "paper_jpeg", "limit_train", "limit
             "stage")
 STAGE_KEYS = ("name", "model", "from", "pretrained", "model_args", "trainable", "optimizer",
               "batch_size", "augment", "patience", "max_epochs", "monitor", "seed", "eval_batch_size",
-              "loss_explosion", "on_divergence", "acceptance")
+              "loss_explosion", "clip_grad_norm", "on_divergence", "acceptance")
 OPTIMIZER_KEYS_BY_TYPE = {"adam": ("type", "lr", "betas", "eps", "weight_decay"),
                           "sgd": ("type", "lr", "momentum", "nesterov", "weight_decay")}
 AUGMENT_KEYS = ("rotation", "shift", "zoom", "flip")
@@ -288,6 +289,7 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
         seed=_number(raw, "seed", where, 0, integer=True, minimum=0),
         eval_batch_size=_number(raw, "eval_batch_size", where, 0, integer=True, minimum=0),
         loss_explosion=_number(raw, "loss_explosion", where, 10.0, minimum=0),
+        clip_grad_norm=_number(raw, "clip_grad_norm", where, 0.0, minimum=0),
         on_divergence=_choice(raw, "on_divergence", where, ON_STOP, "stop"),
         acceptance=acceptance,
     )
@@ -394,6 +396,7 @@ def recipe_to_toml(recipe: Recipe) -> str:
                   f"seed = {stage.seed}",
                   f"eval_batch_size = {stage.eval_batch_size}",
                   f"loss_explosion = {_toml_value(stage.loss_explosion)}",
+                  f"clip_grad_norm = {_toml_value(stage.clip_grad_norm)}",
                   f"on_divergence = {_toml_value(stage.on_divergence)}"]
         if stage.acceptance is not None:
             lines.append(f"acceptance = {_toml_value(dataclasses.asdict(stage.acceptance))}")

@@ -523,7 +523,8 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
              f"{'fresh' if start_from is None else 'from ' + str(start_from)}"
              f"{', pretrained ' + stage.pretrained if stage.pretrained else ''}; trains {stage.trainable} "
              f"({n_params:,} parameters); {stage.optimizer.type} lr {stage.optimizer.lr:g}; batch "
-             f"{stage.batch_size}; patience {stage.patience}; at most {stage.max_epochs} epochs")
+             f"{stage.batch_size}; patience {stage.patience}; at most {stage.max_epochs} epochs"
+             + (f"; gradient norm clipped to {stage.clip_grad_norm:g}" if stage.clip_grad_norm else ""))
 
     # --- acceptance rule (stage 4): the starting model's training loss, once per stage
     train_eval_loader = None
@@ -577,6 +578,8 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if stage.clip_grad_norm:  # gradients are already all-reduced: every process clips alike
+                torch.nn.utils.clip_grad_norm_(model.parameters(), stage.clip_grad_norm)
             optimizer.step()
 
             progress.step = step + 1
