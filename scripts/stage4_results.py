@@ -54,12 +54,21 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of means and Welch's t statistic."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    return diff, diff / se if se else float("inf")
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding the stage4-{plain,lhc}-seed<N> runs")
     args = parser.parse_args()
     table = {key: [run_row(p) for p in sorted(args.runs.glob(f"stage4-{key}-seed*"))
-                   if (p / "metrics.csv").exists()] for key in SETS}
+                   if re.fullmatch(rf"stage4-{key}-seed\d+", p.name) and (p / "metrics.csv").exists()]
+             for key in SETS}
 
     print("| set | seed | epochs (best) | PublicTest acc % | PrivateTest acc % | PrivateTest + TTA % "
           "| train min | img/s |")
@@ -74,7 +83,14 @@ def main() -> None:
     for key, rows in table.items():
         print(f"| {SETS[key]} | {len(rows)} | {mean_std([r['val'] for r in rows])} "
               f"| {mean_std([r['test'] for r in rows])} | {mean_std([r['test_tta'] for r in rows])} |")
-
+    print()
+    for column, title in (("val", "PublicTest"), ("test", "PrivateTest"), ("test_tta", "PrivateTest + TTA")):
+        a = [r[column] for r in table["lhc"] if r[column] is not None]
+        b = [r[column] for r in table["plain"] if r[column] is not None]
+        if len(a) >= 2 and len(b) >= 2:
+            diff, t = welch(a, b)
+            print(f"- {title}: C - A = {100 * diff:+.2f} points (Welch t = {t:+.2f}, "
+                  f"{len(a)} vs {len(b)} runs)")
 
 if __name__ == "__main__":
     main()

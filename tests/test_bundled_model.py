@@ -1,10 +1,12 @@
 """The model shipped inside the package: loads offline, and scores what its card states."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from conftest import FER2013_CSV_GZ, requires_shared_data
+from conftest import FER2013_CSV_GZ, REPO, requires_shared_data
 from lhcnet.data import load_dataset
 from lhcnet.evaluate import predict_probabilities
 from lhcnet.models import load_model
@@ -26,6 +28,19 @@ def test_bundled_model_is_small_and_describes_itself() -> None:
     assert info["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
     check = info["reference_check"]
     assert check["split"] == "PublicTest" and check["images"] >= 500
+    assert len(model.lhc) == 5  # an LHC-Net: the five blocks at the paper's places
+
+
+def test_model_card_states_the_bundled_models_figures() -> None:
+    """docs/model-card.md quotes the fixed check and the PrivateTest accuracy stored in the file."""
+    info = bundled().lhcnet_metadata["info"]
+    card = (REPO / "docs" / "model-card.md").read_text()
+    stated = re.search(r"first ([\d,]+) PublicTest faces, ([\d.]+) % accuracy", card)
+    assert stated, "docs/model-card.md: no 'first N PublicTest faces, X % accuracy' sentence"
+    check = info["reference_check"]
+    assert int(stated.group(1).replace(",", "")) == check["images"]
+    assert float(stated.group(2)) == pytest.approx(100 * check["accuracy"], abs=0.05)
+    assert f"**{100 * info['privatetest_accuracy']:.2f} %**" in card
 
 
 @requires_shared_data
