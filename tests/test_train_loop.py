@@ -189,22 +189,28 @@ def test_existing_run_dir_needs_resume(two_stage) -> None:
     assert math.isfinite(result.stages[0]["best_val_loss"])
 
 
+def one_stage_from_file(model_file: Path, model: str, lr: float, extra: str = "") -> str:
+    """A one-epoch, one-stage recipe (stage ``s``) starting from ``model_file``; plain SGD."""
+    return f"""
+name = "from-file"
+[[stage]]
+name = "s"
+from = "{model_file}"
+model = "{model}"
+optimizer = {{ type = "sgd", lr = {lr} }}
+batch_size = 32
+patience = 1
+max_epochs = 1
+{extra}
+"""
+
+
 def test_stage_from_a_model_file_continues_a_trained_backbone(two_stage, tmp_path) -> None:
     """The paper's sets A and C: stage 4 runs, with and without LHC, from one trained backbone file."""
     result, _ = two_stage
     backbone = result.out_dir / "backbone-best.safetensors"
-    recipe = f"""
-name = "stage4-from-file"
-[[stage]]
-name = "s4"
-from = "{backbone}"
-model = "lhcnet_tiny"
-optimizer = {{ type = "sgd", lr = 0.01 }}
-batch_size = 32
-patience = 1
-max_epochs = 1
-acceptance = {{ margin = 1.0, on_reject = "continue" }}
-"""
+    recipe = one_stage_from_file(backbone, "lhcnet_tiny", lr=0.01,
+                                 extra='acceptance = { margin = 1.0, on_reject = "continue" }')
     run = train_tiny(tmp_path, recipe, name="s4")
     assert run.status == "finished"
     log = (run.out_dir / "train.log").read_text()
@@ -221,19 +227,7 @@ def test_clip_grad_norm_bounds_every_step(two_stage, tmp_path) -> None:
     """``clip_grad_norm``: each plain-SGD step moves the weights by at most lr x the clip norm."""
     result, _ = two_stage
     backbone = result.out_dir / "backbone-best.safetensors"
-    recipe = f"""
-name = "clipped"
-[[stage]]
-name = "s"
-from = "{backbone}"
-model = "tiny"
-optimizer = {{ type = "sgd", lr = 1.0 }}
-batch_size = 32
-patience = 1
-max_epochs = 1
-loss_explosion = 0
-clip_grad_norm = {{clip}}
-"""
+    recipe = one_stage_from_file(backbone, "tiny", lr=1.0, extra="loss_explosion = 0\nclip_grad_norm = {clip}")
     start = {k: v for k, v in load_file(str(backbone)).items()}
 
     def moved(clip: float, name: str) -> float:
