@@ -61,12 +61,11 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     return diff, diff / se if se else float("inf")
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding the stage4-{plain,lhc}-seed<N> runs")
     args = parser.parse_args()
-    table = {key: [run_row(p) for p in sorted(args.runs.glob(f"stage4-{key}-seed*"))
+    table = {key: [run_row(p) for p in sorted(args.runs.iterdir())
                    if re.fullmatch(rf"stage4-{key}-seed\d+", p.name) and (p / "metrics.csv").exists()]
              for key in SETS}
 
@@ -91,6 +90,7 @@ def main() -> None:
             diff, t = welch(a, b)
             print(f"- {title}: C - A = {100 * diff:+.2f} points (Welch t = {t:+.2f}, "
                   f"{len(a)} vs {len(b)} runs)")
+
 
 if __name__ == "__main__":
     main()

@@ -228,7 +228,7 @@ def test_clip_grad_norm_bounds_every_step(two_stage, tmp_path) -> None:
     result, _ = two_stage
     backbone = result.out_dir / "backbone-best.safetensors"
     recipe = one_stage_from_file(backbone, "tiny", lr=1.0, extra="loss_explosion = 0\nclip_grad_norm = {clip}")
-    start = {k: v for k, v in load_file(str(backbone)).items()}
+    start = load_file(str(backbone))
 
     def moved(clip: float, name: str) -> float:
         run = train_tiny(tmp_path, recipe.replace("{clip}", repr(clip)), name=name)

@@ -152,8 +152,11 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, batch_size:
     step = batch_size if not views else max(1, batch_size // len(views))
     out = []
     for start in range(0, len(images), step):
-        x = to_model_input(images[start:start + step].to(device), size).contiguous(memory_format=torch.channels_last)
-        probs = tta_predict(model, x, views) if views else torch.softmax(model(x).float(), dim=1)
+        x = to_model_input(images[start:start + step].to(device), size)
+        if views:
+            probs = tta_predict(model, x, views)  # lays its views out channels-last itself
+        else:
+            probs = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
         out.append(probs.float().cpu())
     if not out:
         raise ValueError("no images to evaluate")
