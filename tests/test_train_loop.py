@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -15,7 +16,8 @@ import tiny_models as tm
 from lhcnet.models import load_model
 from lhcnet.train import METRIC_COLUMNS, TIMING_COLUMNS, TrainOptions, load_recipe, train
 from lhcnet.train.checkpoint import load_checkpoint
-from lhcnet.train.trainer import build_model
+from lhcnet.train.recipe import RecipeError, parse_recipe, tomllib
+from lhcnet.train.trainer import build_model, lr_at
 
 CHANCE = 1 / 7
 
@@ -241,3 +243,33 @@ def test_clip_grad_norm_bounds_every_step(two_stage, tmp_path) -> None:
     steps = math.ceil(len(tm.synthetic_faces().split("Training").labels) / 32)
     assert moved(1e-4, "clipped") <= steps * 1.0 * 1e-4 * (1 + 1e-3)
     assert moved(0.0, "free") > 100 * steps * 1e-4  # lr 1.0 unclipped moves far
+
+
+def test_lr_at_cosine_runs_from_the_base_lr_to_zero() -> None:
+    """``lr_schedule = "cosine"``: lr(0) = base, lr(half way) = base / 2, falling to 0; constant stays."""
+    stage = parse_recipe(tomllib.loads(one_stage_from_file(Path("m.safetensors"), "tiny", lr=0.1,
+                                                           extra='lr_schedule = "cosine"')),
+                         "cosine.toml").stages[0]
+    stage = dataclasses.replace(stage, max_epochs=4)
+    assert lr_at(stage, 0, 0, 10) == pytest.approx(0.1)
+    assert lr_at(stage, 2, 0, 10) == pytest.approx(0.05)
+    assert lr_at(stage, 3, 9, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    values = [lr_at(stage, e, s, 10) for e in range(4) for s in range(10)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly falling
+    constant = dataclasses.replace(stage, lr_schedule="constant")
+    assert {lr_at(constant, e, s, 10) for e in range(4) for s in range(10)} == {0.1}
+
+
+def test_cosine_schedule_sets_the_optimizer_lr(two_stage, tmp_path) -> None:
+    """A run with the cosine schedule records it and ends its epoch at lr_at's last value."""
+    result, _ = two_stage
+    backbone = result.out_dir / "backbone-best.safetensors"
+    run = train_tiny(tmp_path, one_stage_from_file(backbone, "tiny", lr=0.01, extra='lr_schedule = "cosine"'),
+                     name="cosine")
+    assert 'lr_schedule = "cosine"' in (run.out_dir / "config.toml").read_text()
+    assert "cosine lr schedule over 1 epochs" in (run.out_dir / "train.log").read_text()
+    rows = list(csv.DictReader((run.out_dir / "metrics.csv").open()))
+    steps = math.ceil(len(tm.synthetic_faces().split("Training").labels) / 32)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (steps - 1) / steps)))
+    with pytest.raises(RecipeError, match="lr_schedule"):
+        parse_recipe(tomllib.loads(one_stage_from_file(backbone, "tiny", lr=0.01, extra='lr_schedule = "step"')))

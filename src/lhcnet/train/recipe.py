@@ -45,6 +45,7 @@ LABELS = ("fer2013", "ferplus")
 TRAINABLE = ("all", "lhc", "gates")
 MONITORS = ("val_acc", "val_loss")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 ON_STOP = ("stop", "continue")  # what a divergence / rejected stage does to the rest of the run
 PRETRAINED_SOURCES = "'imagenet' or a path to a safetensors file of backbone weights"
 
@@ -108,6 +109,7 @@ class Stage:
     eval_batch_size: int = 0        # 0: 2 x batch_size
     loss_explosion: float = 10.0    # stop when a batch loss > factor x max(ln classes, first loss); 0: off
     clip_grad_norm: float = 0.0     # clip the global gradient L2 norm to this before each step; 0: off
+    lr_schedule: str = "constant"   # "cosine": lr decays to 0 over max_epochs (per step); see lr_at
     on_divergence: str = "stop"
     acceptance: Acceptance | None = None
 
@@ -146,7 +148,7 @@ TOP_KEYS = ("name", "description", "labels", "paper_jpeg", "limit_train", "limit
             "stage")
 STAGE_KEYS = ("name", "model", "from", "pretrained", "model_args", "trainable", "optimizer",
               "batch_size", "augment", "patience", "max_epochs", "monitor", "seed", "eval_batch_size",
-              "loss_explosion", "clip_grad_norm", "on_divergence", "acceptance")
+              "loss_explosion", "clip_grad_norm", "lr_schedule", "on_divergence", "acceptance")
 OPTIMIZER_KEYS_BY_TYPE = {"adam": ("type", "lr", "betas", "eps", "weight_decay"),
                           "sgd": ("type", "lr", "momentum", "nesterov", "weight_decay")}
 AUGMENT_KEYS = ("rotation", "shift", "zoom", "flip")
@@ -290,6 +292,7 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
         eval_batch_size=_number(raw, "eval_batch_size", where, 0, integer=True, minimum=0),
         loss_explosion=_number(raw, "loss_explosion", where, 10.0, minimum=0),
         clip_grad_norm=_number(raw, "clip_grad_norm", where, 0.0, minimum=0),
+        lr_schedule=_choice(raw, "lr_schedule", where, LR_SCHEDULES, "constant"),
         on_divergence=_choice(raw, "on_divergence", where, ON_STOP, "stop"),
         acceptance=acceptance,
     )
@@ -397,6 +400,7 @@ def recipe_to_toml(recipe: Recipe) -> str:
                   f"eval_batch_size = {stage.eval_batch_size}",
                   f"loss_explosion = {_toml_value(stage.loss_explosion)}",
                   f"clip_grad_norm = {_toml_value(stage.clip_grad_norm)}",
+                  f"lr_schedule = {_toml_value(stage.lr_schedule)}",
                   f"on_divergence = {_toml_value(stage.on_divergence)}"]
         if stage.acceptance is not None:
             lines.append(f"acceptance = {_toml_value(dataclasses.asdict(stage.acceptance))}")

@@ -274,6 +274,20 @@ def make_optimizer(settings: OptimizerSettings, params: list[nn.Parameter]) -> t
                            weight_decay=settings.weight_decay)
 
 
+def lr_at(stage: Stage, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of ``stage`` at (0-based) ``epoch`` and ``step``.
+
+    ``constant`` (the paper's stages): the optimiser's lr throughout. ``cosine``: half a cosine from
+    the optimiser's lr to 0 over ``max_epochs`` x ``steps_per_epoch`` steps, computed from the position
+    alone, so a resumed run continues on the same curve (not in the paper: our CPU recipes' choice).
+    """
+    base = stage.optimizer.lr
+    if stage.lr_schedule == "constant":
+        return base
+    progress = (epoch * steps_per_epoch + step) / (stage.max_epochs * steps_per_epoch)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def make_loader(images: Any, targets: Any, *, batch_size: int, size: int, train: bool, stage: Stage,
                 device: torch.device, dist: Distributed) -> Any:
     """Training batches (shuffled, augmented, sharded over processes) or evaluation batches.
@@ -524,7 +538,9 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
              f"{', pretrained ' + stage.pretrained if stage.pretrained else ''}; trains {stage.trainable} "
              f"({n_params:,} parameters); {stage.optimizer.type} lr {stage.optimizer.lr:g}; batch "
              f"{stage.batch_size}; patience {stage.patience}; at most {stage.max_epochs} epochs"
-             + (f"; gradient norm clipped to {stage.clip_grad_norm:g}" if stage.clip_grad_norm else ""))
+             + (f"; gradient norm clipped to {stage.clip_grad_norm:g}" if stage.clip_grad_norm else "")
+             + (f"; {stage.lr_schedule} lr schedule over {stage.max_epochs} epochs"
+                if stage.lr_schedule != "constant" else ""))
 
     # --- acceptance rule (stage 4): the starting model's training loss, once per stage
     train_eval_loader = None
@@ -578,6 +594,8 @@ def train_stage(run: Run, index: int, stage: Stage, progress: Progress,
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(stage, epoch, step, len(loader))
             if stage.clip_grad_norm:  # gradients are already all-reduced: every process clips alike
                 torch.nn.utils.clip_grad_norm_(model.parameters(), stage.clip_grad_norm)
             optimizer.step()
