@@ -427,8 +427,8 @@ def _train(recipe: Recipe, dataset: Any, out_dir: Path, options: TrainOptions, d
     limit_train, limit_val = recipe.limit_train or len(train_set), recipe.limit_val or len(val_set)
     log = RunLog(out_dir, dist.is_main, options.tensorboard)
     run = Run(recipe, options, dist, out_dir, log, StopRequest(),
-              train_images=train_set.images[:limit_train], train_labels=_labels(train_set, recipe)[:limit_train],
-              val_images=val_set.images[:limit_val], val_labels=_labels(val_set, recipe)[:limit_val],
+              train_images=train_set.images[:limit_train], train_labels=_labels(train_set)[:limit_train],
+              val_images=val_set.images[:limit_val], val_labels=_labels(val_set)[:limit_val],
               classes=list(dataset.classes))
     try:
         log.keep_metrics_until([s.name for s in recipe.stages], progress)
@@ -455,9 +455,10 @@ def _train(recipe: Recipe, dataset: Any, out_dir: Path, options: TrainOptions, d
         log.close()
 
 
-def _labels(split: Any, recipe: Recipe) -> Any:
-    """FER+ trains on the vote distributions when the dataset has them, else on hard labels."""
-    if recipe.labels == "ferplus" and split.soft_labels is not None:
+def _labels(split: Any) -> Any:
+    """Soft targets when the data set carries them (FER+ vote distributions, or the teachers'
+    probabilities that ``scripts/distill.py`` adds), else the hard labels."""
+    if split.soft_labels is not None:
         return split.soft_labels
     return split.labels
 
