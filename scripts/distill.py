@@ -3,7 +3,8 @@
 Each training face's target is ``alpha * one_hot(label) + (1 - alpha) * mean teacher probability``
 (Hinton et al. 2015 at temperature 1): with ``alpha >= 0.5`` no other class outweighs the true one
 in the target. The teachers see the unaugmented training faces once; their mean probabilities are
-stored in ``OUT/teacher-probs.npy`` (reused by ``--resume``) and described in ``OUT/distill.json``.
+stored in ``OUT/teacher-probs.npy`` and described in ``OUT/distill.json``; a folder that already
+holds them for the same teachers (``--resume``, or a copy for a second student) reuses them.
 PublicTest keeps its hard labels, so early stopping and the logged accuracy are the usual ones.
 
     python scripts/distill.py --recipe recipes/fer2013_compact_stage4_lhc_distill.toml \
@@ -70,7 +71,10 @@ def main() -> int:
     dataset = load_dataset(args.data, labels=recipe.labels)
     cache = args.out / "teacher-probs.npy"
     train_rows = dataset.splits == split_code("Training")
-    if args.resume and cache.is_file():
+    described = args.out / "distill.json"
+    same_teachers = described.is_file() and \
+        json.loads(described.read_text())["teachers"] == [str(t) for t in args.teachers]
+    if cache.is_file() and same_teachers:  # --resume, or a second student of the same teachers
         teacher = np.load(cache)
     else:
         teacher = teacher_probabilities(args.teachers, dataset.images[train_rows])
@@ -79,7 +83,7 @@ def main() -> int:
         np.save(buffer, teacher)
         atomic_write_bytes(cache, buffer.getvalue())
         agree = float((teacher.argmax(1) == dataset.labels[train_rows]).mean())
-        atomic_write_text(args.out / "distill.json", json.dumps({
+        atomic_write_text(described, json.dumps({
             "teachers": [str(t) for t in args.teachers], "alpha": args.alpha,
             "teacher_train_accuracy": agree}, indent=2) + "\n")
         print(f"teachers agree with {100 * agree:.2f} % of the training labels", file=sys.stderr)

@@ -66,6 +66,15 @@ def test_distill_trains_on_the_teachers_probabilities(tmp_path, monkeypatch) -> 
     info = json.loads((out / "distill.json").read_text())
     assert info["alpha"] == 0.5 and len(info["teachers"]) == 2
 
+    # a second student of the same teachers reuses their stored probabilities (here: made uniform)
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "distill.json").write_text((out / "distill.json").read_text())
+    np.save(second / "teacher-probs.npy", np.full_like(expected, 1 / 7))
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:6], str(second), *sys.argv[7:]])
+    assert distill.main() == 0
+    np.testing.assert_array_equal(np.load(second / "teacher-probs.npy"), np.full_like(expected, 1 / 7))
+
     # the same recipe and seed on the hard labels trains to a different loss: the soft targets are used
     hard = train(load_recipe(tmp_path / "r.toml"), faces, tmp_path / "hard", TrainOptions(device="cpu", progress=False))
     soft_loss, hard_loss = (float(list(csv.DictReader((d / "metrics.csv").open()))[0]["train_loss"])
