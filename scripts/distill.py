@@ -43,11 +43,10 @@ def teacher_probabilities(teachers: list[Path], images: np.ndarray) -> np.ndarra
     return (total / len(teachers)).numpy().astype(np.float32)
 
 
-def distillation_targets(labels: np.ndarray, splits: np.ndarray, teacher: np.ndarray, alpha: float,
+def distillation_targets(labels: np.ndarray, train_rows: np.ndarray, teacher: np.ndarray, alpha: float,
                          num_classes: int) -> np.ndarray:
-    """One-hot labels everywhere; on the Training rows mixed with the teachers' probabilities."""
+    """One-hot labels everywhere; on the ``train_rows`` (a mask) mixed with the teachers' probabilities."""
     targets = np.eye(num_classes, dtype=np.float32)[labels]
-    train_rows = splits == split_code("Training")
     targets[train_rows] = alpha * targets[train_rows] + (1 - alpha) * teacher
     return targets
 
@@ -72,8 +71,8 @@ def main() -> int:
     cache = args.out / "teacher-probs.npy"
     train_rows = dataset.splits == split_code("Training")
     described = args.out / "distill.json"
-    same_teachers = described.is_file() and \
-        json.loads(described.read_text())["teachers"] == [str(t) for t in args.teachers]
+    teacher_names = [str(t) for t in args.teachers]
+    same_teachers = described.is_file() and json.loads(described.read_text())["teachers"] == teacher_names
     if cache.is_file() and same_teachers:  # --resume, or a second student of the same teachers
         teacher = np.load(cache)
     else:
@@ -84,10 +83,10 @@ def main() -> int:
         atomic_write_bytes(cache, buffer.getvalue())
         agree = float((teacher.argmax(1) == dataset.labels[train_rows]).mean())
         atomic_write_text(described, json.dumps({
-            "teachers": [str(t) for t in args.teachers], "alpha": args.alpha,
+            "teachers": teacher_names, "alpha": args.alpha,
             "teacher_train_accuracy": agree}, indent=2) + "\n")
         print(f"teachers agree with {100 * agree:.2f} % of the training labels", file=sys.stderr)
-    soft = distillation_targets(dataset.labels, dataset.splits, teacher, args.alpha, len(dataset.classes))
+    soft = distillation_targets(dataset.labels, train_rows, teacher, args.alpha, len(dataset.classes))
     dataset = dataclasses.replace(dataset, soft_labels=soft)
     options = TrainOptions(resume=args.resume, bf16=args.bf16, channels_last=args.channels_last)
     return train(recipe, dataset, args.out, options).exit_code
