@@ -13,11 +13,13 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["InputError", "MAX_PIXELS", "IMAGE_SUFFIXES", "load_image", "to_rgb_array", "find_images"]
+__all__ = ["InputError", "MAX_PIXELS", "IMAGE_SUFFIXES", "load_image", "decode_image", "to_rgb_array",
+           "find_images"]
 
 # Pillow's own default limit (~89.5 Mpx, a 9459 x 9459 image); larger images are refused.
 MAX_PIXELS = 89_478_485
@@ -38,27 +40,34 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
         raise InputError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file")
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: str | os.PathLike | BinaryIO, name: str,
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file or binary file object (e.g. ``io.BytesIO`` of an upload) as upright
+    RGB uint8 ``(H, W, 3)``; an ``InputError`` names it ``name``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise InputError(
-                        f"{path}: image of {width}x{height} = {width * height / 1e6:.0f} Mpx is above "
+                        f"{name}: image of {width}x{height} = {width * height / 1e6:.0f} Mpx is above "
                         f"the {max_pixels / 1e6:.0f} Mpx limit (decompression-bomb guard)")
                 image.load()
                 return to_rgb_array(image)
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (or a format Pillow cannot read)") from None
+        raise InputError(f"{name}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (2x its default)
-        raise InputError(f"{path}: image above the {max_pixels / 1e6:.0f} Mpx limit "
+        raise InputError(f"{name}: image above the {max_pixels / 1e6:.0f} Mpx limit "
                          f"(decompression-bomb guard; {' '.join(str(exc).split())})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's decoders raise all three
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InputError(f"{path}: truncated or corrupt image ({reason})") from None
+        raise InputError(f"{name}: truncated or corrupt image ({reason})") from None
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

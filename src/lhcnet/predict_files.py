@@ -29,7 +29,8 @@ from .images import InputError, find_images, load_image
 from .predict import Predictor, draw_faces
 from .video import frame_count, is_video, read_frames
 
-__all__ = ["Item", "iter_inputs", "predict_stream", "records_json", "ResultWriter"]
+__all__ = ["Item", "iter_inputs", "predict_stream", "records_json", "table_header", "table_rows",
+           "ResultWriter"]
 
 # Faces of consecutive items are classified together until one of these is reached; the pixel
 # budget bounds the memory of photos kept for annotation.
@@ -144,6 +145,24 @@ def records_json(records: Sequence[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
 
 
+def table_header(classes: Sequence[str]) -> list[str]:
+    """The columns of ``predictions.csv``: one row per face, or per image without faces."""
+    return ["source", "frame", "face", "x", "y", "w", "h", "label", "label_score", *classes,
+            "status", "error"]
+
+
+def table_rows(record: dict[str, Any], classes: Sequence[str]) -> list[list[Any]]:
+    """A record's rows of ``predictions.csv`` (status ``ok``, ``no_face`` or ``error``)."""
+    lead = [record["source"], record.get("frame", "")]
+    if "error" in record:
+        return [lead + [""] * (7 + len(classes)) + ["error", record["error"]]]
+    if not record["faces"]:
+        return [lead + [""] * (7 + len(classes)) + ["no_face", ""]]
+    return [lead + [i, *face["box"], face["label"], f"{face['label_score']:.6f}",
+                    *(f"{face['scores'][c]:.6f}" for c in classes), "ok", ""]
+            for i, face in enumerate(record["faces"], start=1)]
+
+
 class ResultWriter:
     """Writes annotated copies under ``out`` and the tables ``predictions.csv`` / ``.json``."""
 
@@ -155,8 +174,7 @@ class ResultWriter:
         self._used: set[Path] = set()
         self._csv_file = open(self.out / "predictions.csv", "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(["source", "frame", "face", "x", "y", "w", "h", "label", "label_score",
-                            *self.classes, "status", "error"])
+        self._csv.writerow(table_header(self.classes))
 
     def _unique(self, name: Path) -> Path:
         if name.suffix.lower() not in WRITABLE_SUFFIXES:
@@ -178,15 +196,7 @@ class ResultWriter:
                 raise OSError(f"{path}: could not write the annotated image")
             record["annotated"] = str(path)
         self.records.append(record)
-        lead = [record["source"], record.get("frame", "")]
-        if "error" in record:
-            self._csv.writerow(lead + [""] * (7 + len(self.classes)) + ["error", record["error"]])
-        elif not record["faces"]:
-            self._csv.writerow(lead + [""] * (7 + len(self.classes)) + ["no_face", ""])
-        for i, face in enumerate(record["faces"], start=1):
-            scores = [f"{face['scores'][c]:.6f}" for c in self.classes]
-            self._csv.writerow(lead + [i, *face["box"], face["label"], f"{face['label_score']:.6f}",
-                                       *scores, "ok", ""])
+        self._csv.writerows(table_rows(record, self.classes))
 
     def close(self) -> None:
         """Finish ``predictions.csv`` and write ``predictions.json``."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from .images import InputError
 
-__all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "read_frames"]
+__all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "frame_rate", "read_frames"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                             ".wmv", ".flv", ".3gp", ".ts", ".mts"})
@@ -40,13 +40,24 @@ def _open(path: Path) -> cv2.VideoCapture:
     return capture
 
 
-def frame_count(path: str | os.PathLike) -> int:
-    """The frame count the container declares (0 if unknown; a hint for progress bars)."""
+def _declared(path: str | os.PathLike, prop: int) -> float:
+    """A property the container declares (``cv2.CAP_PROP_*``); 0.0 when unknown."""
     capture = _open(Path(path))
     try:
-        return max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+        value = float(capture.get(prop))
+        return value if value > 0 else 0.0  # NaN, 0 or negative: unknown
     finally:
         capture.release()
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """The frame count the container declares (0 if unknown; a hint for progress bars)."""
+    return int(_declared(path, cv2.CAP_PROP_FRAME_COUNT))
+
+
+def frame_rate(path: str | os.PathLike) -> float:
+    """The frames per second the container declares (0.0 if unknown)."""
+    return _declared(path, cv2.CAP_PROP_FPS)
 
 
 def read_frames(path: str | os.PathLike, every: int = 1) -> Iterator[tuple[int, np.ndarray]]:
