@@ -17,7 +17,7 @@ from lhcnet.models import load_model
 from lhcnet.train import METRIC_COLUMNS, TIMING_COLUMNS, TrainOptions, load_recipe, train
 from lhcnet.train.checkpoint import load_checkpoint
 from lhcnet.train.recipe import RecipeError, parse_recipe, tomllib
-from lhcnet.train.trainer import build_model, lr_at
+from lhcnet.train.setup import build_model, lr_at
 
 CHANCE = 1 / 7
 

@@ -2,10 +2,10 @@
 from .backbones import PreActResNet, resnet18v2_48, resnet34v2
 from .lhcnet import (PAPER_BLOCKS, PAPER_GATES, LHCBlock, freeze_except_gates, gate_parameters,
                      insert_lhc, lhc_blocks, set_batchnorm_eval)
-from .registry import (COMPACT_BLOCKS, create_model, list_models, load_backbone_weights, load_model,
+from .registry import (COMPACT_BLOCKS, LHCNetModel, create_model, list_models, load_backbone_weights, load_model,
                        model_spec, read_model_metadata, save_model)
 
 __all__ = ["PreActResNet", "resnet18v2_48", "resnet34v2", "PAPER_BLOCKS", "PAPER_GATES", "LHCBlock",
            "freeze_except_gates", "gate_parameters", "insert_lhc", "lhc_blocks", "set_batchnorm_eval",
-           "COMPACT_BLOCKS", "create_model", "list_models", "load_backbone_weights", "load_model",
+           "COMPACT_BLOCKS", "LHCNetModel", "create_model", "list_models", "load_backbone_weights", "load_model",
            "model_spec", "read_model_metadata", "save_model"]

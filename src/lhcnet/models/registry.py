@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -23,7 +23,7 @@ from .backbones import resnet18v2_48, resnet34v2
 from .lhcnet import PAPER_BLOCKS, PAPER_GATES, LHCBlock, insert_lhc
 from .torchvision_resnet import TorchvisionResNet
 
-__all__ = ["ModelSpec", "register_model", "list_models", "model_spec", "create_model", "save_model",
+__all__ = ["LHCNetModel", "ModelSpec", "register_model", "list_models", "model_spec", "create_model", "save_model",
            "load_model", "read_model_metadata", "load_backbone_weights", "COMPACT_BLOCKS",
            "TORCHVISION_BLOCKS", "FORMAT_VERSION"]
 
@@ -45,6 +45,28 @@ COMPACT_BLOCKS: tuple[LHCBlock, ...] = (
 TORCHVISION_BLOCKS: tuple[LHCBlock, ...] = tuple(
     LHCBlock(f"net.{place}", **{k: v for k, v in vars(b).items() if k != "place"})
     for place, b in zip(("maxpool", "layer1", "layer2", "layer3", "layer4"), PAPER_BLOCKS))
+
+
+@runtime_checkable
+class LHCNetModel(Protocol):
+    """What lhcnet's training, evaluation and prediction use of a model from ``create_model`` /
+    ``load_model``: an ``nn.Module`` taking RGB ``(B, 3, input_size, input_size)`` 0..255 and
+    returning logits, that knows its input side and how it was built (``lhcnet_config``: name,
+    num_classes, settings; ``save_model`` stores it)."""
+
+    input_size: int
+    lhcnet_config: dict[str, Any]
+    training: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> Any: ...
+    def parameters(self) -> Any: ...
+    def named_parameters(self) -> Any: ...
+    def modules(self) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -105,7 +127,7 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, num_classes: int = 7, pretrained: str | os.PathLike | None = None,
-                 **overrides: Any) -> nn.Module:
+                 **overrides: Any) -> LHCNetModel:
     """Build a registered model.
 
     Args:
@@ -208,7 +230,7 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LHCNetModel:
     """Rebuild a model from a file written by ``save_model`` (weights in float32, eval mode)."""
     meta = read_model_metadata(path)
     settings = dict(meta.get("settings", {}))

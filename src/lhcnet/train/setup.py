@@ -1,0 +1,262 @@
+"""Stage set-up: what a run shares (``Run``) and what each stage builds before its first epoch
+(``StageSetup``): the model (fresh, or the weights it starts from loaded by name), the trainable
+parameters, a fresh optimiser, the learning-rate schedule, the data loaders and early stopping.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..data import AugmentConfig, BatchLoader, FaceDataset
+from ..models import LHCNetModel, create_model, freeze_except_gates, save_model
+from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
+from .distributed import Distributed
+from .recipe import OptimizerSettings, Recipe, Stage
+from .run_dir import RunLog
+from .state import EarlyStopping, Progress, StopRequest
+
+__all__ = ["TrainOptions", "Run", "StageSetup", "setup_stage", "build_model", "set_trainable",
+           "make_optimizer", "lr_at", "make_loader", "start_weights", "derive_seed"]
+
+
+@dataclass
+class TrainOptions:
+    """How to run a recipe (none of these change what is trained, except ``bf16``)."""
+
+    device: str = "auto"           # cpu, cuda, cuda:N or auto
+    resume: bool = False           # continue the run in out_dir from its checkpoint
+    bf16: bool = False             # bfloat16 autocast (CPU and CUDA)
+    channels_last: bool = False
+    compile: bool = False          # torch.compile the training model
+    deterministic: bool = False    # torch.use_deterministic_algorithms (needed for CUDA repeatability)
+    checkpoint_every: int = 0      # also checkpoint every N batches (0: epoch ends and signals only)
+    progress: bool = True          # tqdm bar per epoch
+    tensorboard: bool = False      # also log to out_dir/tensorboard (needs lhcnet[tensorboard])
+    plot_every_s: float = 60.0     # redraw training-curves.png at most this often during a stage
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (stable across runs and machines)."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Run:
+    """What every stage needs: the recipe, data, process group, run directory and options."""
+
+    recipe: Recipe
+    options: TrainOptions
+    dist: Distributed
+    out_dir: Path
+    log: RunLog
+    stop: StopRequest
+    train_set: FaceDataset        # the Training split (``limit_train`` applied)
+    val_set: FaceDataset          # the PublicTest split (``limit_val`` applied)
+    classes: list[str]
+    jpeg_images: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def training_images(self, size: int) -> np.ndarray:
+        """The training images as trained on: with ``paper_jpeg`` resized to ``size``, floored and
+        JPEG-coded once per run (spec §5), else the 48 px originals (resized per batch)."""
+        if not self.recipe.paper_jpeg:
+            return self.train_set.images
+        if size not in self.jpeg_images:
+            from ..data import paper_jpeg
+            self.log.info(f"paper_jpeg: {len(self.train_set)} training images -> {size} px, floor, JPEG q100")
+            self.jpeg_images[size] = paper_jpeg(self.train_set.images, size)
+        return self.jpeg_images[size]
+
+    def best_path(self, stage: Stage) -> Path:
+        return self.out_dir / f"{stage.name}-best.safetensors"
+
+    def save(self, progress: Progress, setup: StageSetup | None = None) -> None:
+        """Checkpoint (every process calls this: the RNG states are gathered to the main one)."""
+        rng = self.dist.all_gather_object(rng_state(self.dist.device))
+        if self.dist.is_main:
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, {
+                "progress": dataclasses.asdict(progress), "rng": rng,
+                "model": None if setup is None else setup.model.state_dict(),
+                "optimizer": None if setup is None else setup.optimizer.state_dict(),
+                "early_stopping": None if setup is None else setup.early_stopping.state_dict()})
+        self.dist.barrier()
+
+    def save_model_file(self, model: nn.Module, path: Path, info: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            save_model(model, path, extra={"classes": self.classes, "recipe": self.recipe.name, **info})
+        self.dist.barrier()
+
+
+@dataclass
+class StageSetup:
+    """One stage, ready to train."""
+
+    stage: Stage
+    index: int
+    model: LHCNetModel            # the weights (saved, evaluated)
+    train_model: nn.Module        # what the batches go through: the model, or its DDP/compiled wrapper
+    params: list[nn.Parameter]    # the trainable ones
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader           # shuffled, augmented training batches
+    val_loader: BatchLoader       # PublicTest
+    train_eval_loader: BatchLoader | None  # acceptance rule: the training images, unaugmented
+    early_stopping: EarlyStopping
+    start_from: Path | None       # the model file the stage starts from (None: fresh)
+
+
+def setup_stage(run: Run, index: int, checkpoint: dict[str, Any] | None) -> StageSetup:
+    """Build stage ``index``; with a ``checkpoint`` of this stage, restore its model, optimiser and
+    early-stopping state."""
+    stage, device, options = run.recipe.stages[index], run.dist.device, run.options
+    start_from = start_weights(run, index)
+    model = build_model(stage, len(run.classes), start_from)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    params = set_trainable(model, stage.trainable)
+    model.to(device)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(stage.optimizer, params)
+    early_stopping = EarlyStopping(stage.monitor, stage.patience)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        early_stopping.load_state_dict(checkpoint["early_stopping"])
+    train_model: nn.Module = model
+    if run.dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if options.compile:
+        train_model = torch.compile(train_model)
+
+    size, eval_batch = model.input_size, stage.eval_batch_size or 2 * stage.batch_size
+    train_images, train_targets = run.training_images(size), targets(run.train_set)
+    loader = make_loader(train_images, train_targets, batch_size=stage.batch_size, size=size, train=True,
+                         stage=stage, dist=run.dist)
+    val_loader = make_loader(run.val_set.images, targets(run.val_set), batch_size=eval_batch, size=size,
+                             train=False, stage=stage, dist=run.dist)
+    train_eval_loader = None
+    if stage.acceptance is not None:  # the training images as trained on (paper: the JPEGs), unaugmented
+        train_eval_loader = make_loader(train_images, train_targets, batch_size=eval_batch, size=size,
+                                        train=False, stage=stage, dist=run.dist)
+    return StageSetup(stage, index, model, train_model, params, optimizer, loader, val_loader,
+                      train_eval_loader, early_stopping, start_from)
+
+
+def targets(split: FaceDataset) -> np.ndarray:
+    """Soft targets when the data set carries them (FER+ vote distributions, or the teachers'
+    probabilities of ``lhcnet distill``), else the hard labels."""
+    return split.soft_labels if split.soft_labels is not None else split.labels
+
+
+def model_args(stage: Stage) -> dict[str, Any]:
+    """The stage's model builder arguments (TOML arrays -> tuples, e.g. ``head_hidden``)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in stage.model_args.items()}
+
+
+def build_model(stage: Stage, num_classes: int, start_from: Path | None) -> LHCNetModel:
+    """A fresh model, or this stage's model with the weights it starts from (by name): the previous
+    stage's best, or the stage's ``from`` model file.
+
+    Going from a backbone to its LHC version, only the new ``lhc.*`` weights are missing (they
+    keep their random initialisation): the paper's stage-4 handover.
+    """
+    torch.manual_seed(derive_seed(stage.seed, stage.name, "init"))
+    pretrained = stage.pretrained if stage.start == "fresh" else None
+    try:
+        model = create_model(stage.model, num_classes=num_classes, pretrained=pretrained, **model_args(stage))
+    except TypeError as exc:
+        raise ValueError(f"stage {stage.name!r}: model_args {stage.model_args} do not fit "
+                         f"{stage.model!r} ({exc})") from None
+    if stage.start != "fresh":
+        try:
+            missing, unexpected = model.load_state_dict(load_file(str(start_from)), strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise ValueError(f"stage {stage.name!r}: the starting weights ({start_from}) "
+                             f"do not fit {stage.model!r}: {exc}") from None
+        not_lhc = [k for k in missing if not k.startswith("lhc.")]
+        if unexpected or not_lhc:
+            raise ValueError(f"stage {stage.name!r}: the starting weights ({start_from}) do "
+                             f"not fit {stage.model!r}: unexpected {unexpected[:3]}, missing {not_lhc[:3]}")
+    return model
+
+
+def start_weights(run: Run, index: int) -> Path | None:
+    """The model file stage ``index`` starts from: none (fresh), the previous best or ``from``."""
+    stage = run.recipe.stages[index]
+    if stage.start == "file":
+        path = Path(stage.init_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {stage.name!r}: from = {stage.init_file!r}: no such model file")
+        return path
+    if stage.start == "fresh":
+        return None
+    previous = run.recipe.stages[index - 1]
+    if not run.best_path(previous).is_file():
+        raise FileNotFoundError(f"stage {stage.name!r} starts from the best weights of stage {previous.name!r}, "
+                                f"but {run.best_path(previous)} does not exist (did {previous.name!r} diverge "
+                                "before its first epoch ended?)")
+    return run.best_path(previous)
+
+
+def set_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """``all``; ``lhc``: only the LHC blocks; ``gates``: only LHC-NetC's gates (spec §4)."""
+    if trainable == "gates":
+        return freeze_except_gates(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or name.startswith("lhc."))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"trainable = {trainable!r}: this model has no such parameters")
+    return params
+
+
+def make_optimizer(settings: OptimizerSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if settings.type == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov,
+                           weight_decay=settings.weight_decay)
+
+
+def lr_at(stage: Stage, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of ``stage`` at (0-based) ``epoch`` and ``step``.
+
+    ``constant`` (the paper's stages): the optimiser's lr throughout. ``cosine``: half a cosine from
+    the optimiser's lr to 0 over ``max_epochs`` x ``steps_per_epoch`` steps, computed from the position
+    alone, so a resumed run continues on the same curve (not in the paper: our CPU recipes' choice).
+    """
+    base = stage.optimizer.lr
+    if stage.lr_schedule == "constant":
+        return base
+    progress = (epoch * steps_per_epoch + step) / (stage.max_epochs * steps_per_epoch)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_loader(images: np.ndarray, targets: np.ndarray, *, batch_size: int, size: int, train: bool,
+                stage: Stage, dist: Distributed) -> BatchLoader:
+    """Training batches (shuffled, augmented, sharded over processes) or evaluation batches.
+
+    ``batch_size`` is the global batch: each of the ``world_size`` processes takes its share.
+    ``targets``: int labels (N,) or FER+ vote distributions (N, K).
+    """
+    labels = {"soft_labels": targets} if targets.ndim == 2 else {"labels": targets}
+    if not train:  # evaluation: every process takes every world_size-th image, no padding
+        shard = slice(dist.rank, None, dist.world_size)
+        labels = {k: v[shard] for k, v in labels.items()}
+        return BatchLoader(images[shard], **labels, batch_size=batch_size, size=size, device=dist.device)
+    if batch_size % dist.world_size:
+        raise ValueError(f"stage {stage.name!r}: batch_size {batch_size} is not divisible by the "
+                         f"{dist.world_size} processes")
+    aug = stage.augment
+    augment = AugmentConfig(aug.rotation, aug.shift, aug.zoom, aug.flip) if aug.enabled else None
+    return BatchLoader(images, **labels, batch_size=batch_size // dist.world_size, size=size, shuffle=True,
+                       augment=augment, seed=stage.seed, device=dist.device, drop_last=False, rank=dist.rank,
+                       world_size=dist.world_size)
