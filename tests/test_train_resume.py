@@ -17,7 +17,8 @@ import tiny_models as tm
 from lhcnet.cli import main as lhcnet_main
 from lhcnet.data import load_dataset
 from lhcnet.train import METRIC_COLUMNS, TrainOptions, load_recipe, train
-from lhcnet.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from lhcnet.files import atomic_write_text
+from lhcnet.train.checkpoint import load_checkpoint, save_checkpoint
 
 HELPER = Path(tm.__file__)
 BATCHES_PER_EPOCH = 9  # 280 training images, batch 32

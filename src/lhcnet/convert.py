@@ -140,9 +140,8 @@ def _check_against(model: nn.Module, name: str, state: dict[str, torch.Tensor], 
 
 def default_output(model: str = "resnet34v2") -> Path:
     """Where ``pretrained="imagenet"`` looks for a model's converted weights."""
-    from .models.registry import default_weights_dir
-    base = model.removeprefix("lhcnetc_").removeprefix("lhcnet_")  # as load_backbone_weights
-    return default_weights_dir() / f"{base}_imagenet.safetensors"
+    from .models.registry import base_model_name, default_weights_dir
+    return default_weights_dir() / f"{base_model_name(model)}_imagenet.safetensors"
 
 
 def _md5(path: Path) -> str:
@@ -158,7 +157,7 @@ def convert_weights(h5_path: str | os.PathLike, out_path: str | os.PathLike | No
     """Convert a qubvel Keras ``.h5`` into backbone weights for ``model`` (a registered name or a
     module) and write them as safetensors. Returns a summary (output path, tensors, md5)."""
     from .models import create_model
-    from .train.checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     h5_path = Path(h5_path)
     net = create_model(model) if isinstance(model, str) else model

@@ -6,9 +6,9 @@ its weights as safetensors with the model's name and settings in the metadata, s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +16,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from ..files import atomic_write
 
 from .backbones import resnet18v2_48, resnet34v2
 from .lhcnet import PAPER_BLOCKS, PAPER_GATES, LHCBlock, insert_lhc
 from .torchvision_resnet import TorchvisionResNet
 
 __all__ = ["LHCNetModel", "ModelSpec", "register_model", "list_models", "model_spec", "create_model", "save_model",
-           "load_model", "read_model_metadata", "load_backbone_weights", "COMPACT_BLOCKS",
+           "load_model", "load_weights", "weights_checksum", "base_model_name", "read_model_metadata",
+           "load_backbone_weights", "COMPACT_BLOCKS",
            "TORCHVISION_BLOCKS", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights' SHA-256 in the metadata (files of version 1 have none)
 METADATA_KEY = "lhcnet"
 
 # Compact LHC-Net for 48x48 input (resnet18v2_48: maps 24x24x48, 24x24x48, 12x12x96, 6x6x192,
@@ -147,6 +151,11 @@ def create_model(name: str, num_classes: int = 7, pretrained: str | os.PathLike 
     return model
 
 
+def base_model_name(name: str) -> str:
+    """The backbone a registered name builds on: ``lhcnetc_resnet34v2`` -> ``resnet34v2``."""
+    return name.removeprefix("lhcnetc_").removeprefix("lhcnet_")
+
+
 def default_weights_dir() -> Path:
     return Path(os.environ.get("LHCNET_HOME", Path.home() / ".cache" / "lhcnet")) / "weights"
 
@@ -162,7 +171,7 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str
         if isinstance(model, TorchvisionResNet):
             model.load_imagenet()
             return
-        base = name.removeprefix("lhcnetc_").removeprefix("lhcnet_") or "resnet34v2"
+        base = base_model_name(name) or "resnet34v2"
         path = default_weights_dir() / f"{base}_imagenet.safetensors"
         if not path.exists():
             raise FileNotFoundError(
@@ -173,7 +182,7 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str
                 "8caaa0ad39d927cb8ba5385bf945d582), then run 'lhcnet convert-weights "
                 f"resnet34_imagenet_1000_no_top.h5 -o {path}' (or set LHCNET_HOME).")
         source = path
-    state = load_file(str(source))
+    state = load_weights(source)
     own = model.state_dict()
     backbone_keys = {k for k in own if not k.startswith(("head.", "lhc.", "net.fc."))}
     missing = sorted(backbone_keys - set(state))
@@ -186,9 +195,21 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str
     model.load_state_dict({k: state[k] for k in backbone_keys}, strict=False)
 
 
+def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (the file layout
+    does not matter, so the check covers exactly what a model loads)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
                extra: dict[str, Any] | None = None) -> Path:
-    """Write weights (optionally cast to ``dtype``, e.g. fp16) and settings atomically."""
+    """Write weights (optionally cast to ``dtype``, e.g. fp16), settings and the weights' checksum
+    atomically (``lhcnet.files.atomic_write``: the umask applies)."""
     model = getattr(model, "module", model)  # DDP / DataParallel / compiled wrappers first: they
     model = getattr(model, "_orig_mod", model)  # do not forward lhcnet_config
     config = getattr(model, "lhcnet_config", None)
@@ -200,20 +221,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | N
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[key] = tensor.contiguous()
-    meta = {"format_version": FORMAT_VERSION, **config, "info": extra or {}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    meta = {"format_version": FORMAT_VERSION, **config, "info": extra or {}, "sha256": weights_checksum(tensors)}
+    data = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -227,17 +237,56 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not a safetensors model file ({exc})") from None
     if raw is None:
         raise ValueError(f"{path}: safetensors file without lhcnet metadata (not saved by lhcnet.save_model)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: damaged model metadata (not JSON: {exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        raise ValueError(f"{path}: damaged model metadata (expected a JSON object with a format_version)")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: model file format {meta['format_version']}; this lhcnet reads up to "
+                         f"{FORMAT_VERSION} (upgrade lhcnet)")
+    return meta
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, verified: the checksum ``save_model`` stored (files from
+    before format 2, e.g. older downloads, have none) and finite floating-point values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:  # safetensors raises its own error types for bad headers and data
+        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") from None
+    expected = read_model_metadata(path).get("sha256") if raw is not None else None
+    if expected is not None and weights_checksum(tensors) != expected:
+        raise ValueError(f"{path}: damaged model file (the weights do not match their stored checksum)")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: weight {key!r} holds non-finite values (NaN or inf); the file is "
+                             "damaged or was saved from a diverged model")
+    return tensors
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LHCNetModel:
     """Rebuild a model from a file written by ``save_model`` (weights in float32, eval mode)."""
     meta = read_model_metadata(path)
-    settings = dict(meta.get("settings", {}))
-    if "head_hidden" in settings:  # JSON has no tuples
-        settings["head_hidden"] = tuple(settings["head_hidden"])
-    model = create_model(meta["name"], num_classes=meta["num_classes"], **settings)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-    model.load_state_dict(state)
+    state = load_weights(path)
+    try:
+        settings = dict(meta.get("settings", {}))
+        if "head_hidden" in settings:  # JSON has no tuples
+            settings["head_hidden"] = tuple(settings["head_hidden"])
+        model = create_model(meta["name"], num_classes=int(meta["num_classes"]), **settings)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: model metadata does not describe an lhcnet model "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the weights do not fit {meta['name']!r} "
+                         f"({' '.join(str(exc).split())[:300]})") from None
     model.lhcnet_metadata = meta
     return model.to(device).eval()

@@ -1,79 +1,68 @@
-"""Training checkpoints: one file, written atomically, read back without unpickling code.
+"""Training checkpoints: one file, written atomically, verified and read back without unpickling code.
 
 ``RUN_DIR/checkpoint.pt`` holds everything needed to continue a run exactly: the model and
-optimizer state, the RNG state of every process, and the progress (stage, epoch, step within the
-epoch, partial epoch sums, early-stopping state, results of the finished stages). It is replaced
-at every epoch end, every ``checkpoint_every`` steps and on SIGINT/SIGTERM; a crash while writing
-leaves the previous file intact (temp file in the same folder, fsync, rename, fsync the folder).
+optimizer state, early stopping (with the best weights), the RNG state of every process, the
+progress (stage, epoch, step within the epoch, partial epoch sums, results of the finished
+stages) and the run's fingerprint (data, numeric options, config.toml). It is replaced at every
+epoch end, every ``checkpoint_every`` steps and on SIGINT/SIGTERM, through
+``lhcnet.files.atomic_write``: a crash while writing leaves the previous file intact.
+
+File layout: one header line ``LHCNET-CHECKPOINT <version> <sha256 of the payload> <payload
+bytes>``, then the payload, a ``torch.save`` archive read with ``weights_only=True``. A damaged
+or truncated file fails the checksum and is refused with a message naming it.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_text", "save_checkpoint",
-           "load_checkpoint", "rng_state", "set_rng_state"]
+from ..files import atomic_write
+
+__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+CHECKPOINT_VERSION = 2
+_MAGIC = b"LHCNET-CHECKPOINT"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically."""
-    return _atomic_write(Path(path), lambda f: torch.save({"version": CHECKPOINT_VERSION, **state}, f))
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically, with its checksum."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    header = b"%s %d %s %d\n" % (_MAGIC, CHECKPOINT_VERSION, hashlib.sha256(payload).hexdigest().encode(),
+                                  len(payload))
+    return atomic_write(path, lambda f: (f.write(header), f.write(payload)))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint`` (``weights_only``: no code is unpickled)."""
+    """Read a checkpoint written by ``save_checkpoint``; verify its checksum (no code is unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {state.get('version')!r}, this lhcnet reads "
-                         f"version {CHECKPOINT_VERSION}")
-    return state
+    data = path.read_bytes()
+    end = data.find(b"\n", 0, 200)
+    fields = data[:end].split(b" ") if end > 0 else []
+    if len(fields) != 4 or fields[0] != _MAGIC:
+        raise ValueError(f"{path}: not an lhcnet checkpoint (or one written by lhcnet before checkpoint "
+                         f"version {CHECKPOINT_VERSION}); it cannot be resumed")
+    if fields[1] != str(CHECKPOINT_VERSION).encode():
+        raise ValueError(f"{path}: checkpoint version {fields[1].decode(errors='replace')}, this lhcnet "
+                         f"reads version {CHECKPOINT_VERSION}")
+    payload = memoryview(data)[end + 1:]
+    if fields[3] != str(len(payload)).encode() or hashlib.sha256(payload).hexdigest().encode() != fields[2]:
+        raise ValueError(f"{path}: damaged checkpoint (checksum mismatch: truncated or altered); "
+                         "it cannot be resumed")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a valid checksum over an invalid archive: written by something else
+        raise ValueError(f"{path}: unreadable checkpoint ({' '.join(str(exc).split())[:200]})") from None
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

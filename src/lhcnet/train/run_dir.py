@@ -12,7 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text
+from ..files import atomic_write_text
+from .checkpoint import CHECKPOINT_NAME
 from .recipe import Recipe, parse_recipe, recipe_to_toml, tomllib
 from .state import Progress
 

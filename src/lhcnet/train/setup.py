@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..data import AugmentConfig, BatchLoader, FaceDataset
 from ..models import LHCNetModel, create_model, freeze_except_gates, save_model
+from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
 from .distributed import Distributed
 from .recipe import OptimizerSettings, Recipe, Stage
@@ -177,7 +177,7 @@ def build_model(stage: Stage, num_classes: int, start_from: Path | None) -> LHCN
                          f"{stage.model!r} ({exc})") from None
     if stage.start != "fresh":
         try:
-            missing, unexpected = model.load_state_dict(load_file(str(start_from)), strict=False)
+            missing, unexpected = model.load_state_dict(load_weights(start_from), strict=False)
         except RuntimeError as exc:  # shape mismatch
             raise ValueError(f"stage {stage.name!r}: the starting weights ({start_from}) "
                              f"do not fit {stage.model!r}: {exc}") from None

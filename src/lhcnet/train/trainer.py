@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..data import BatchLoader, FaceDataset
 from ..models import LHCNetModel, create_model, load_model, save_model, set_batchnorm_eval
+from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .distributed import Distributed, setup_distributed
 from .recipe import Recipe, Stage
@@ -351,5 +351,5 @@ def _finish(run: Run, progress: Progress, status: str, message: str) -> TrainRes
 
 def _load_best(run: Run, stage: Stage) -> LHCNetModel:
     model = create_model(stage.model, num_classes=len(run.classes), **model_args(stage))
-    model.load_state_dict(load_file(str(run.best_path(stage))))
+    model.load_state_dict(load_weights(run.best_path(stage)))
     return model
