@@ -131,11 +131,26 @@ def test_evaluate_cli_several_models_with_tta(trained: tuple[Path, Path, dict[st
                  "--tta-views", "flip", "--limit", "21", "--json", "--device", "cpu"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["tta"] == {"views": "flip", "count": 2, "total_weight": 4.0}
+    assert report["tta"] == {"views": "flip", "count": 2, "total_weight": 2.0}
     assert [m["label"] for m in report["models"]] == ["tiny.safetensors", "other.safetensors"]
     assert report["ensemble"]["info"]["members"] == ["tiny.safetensors", "other.safetensors"]
     for row in report["models"] + [report["ensemble"]]:
         assert sum(map(sum, row["metrics"]["confusion"])) == 21
+
+
+def test_evaluate_cli_tta_defaults_to_what_each_model_file_records(
+        trained: tuple[Path, Path, dict[str, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_file, csv, _ = trained                      # written without info["tta"]: the paper's views
+    flip = save_model(load_model(model_file), tmp_path / "flip.safetensors",
+                      extra={"classes": list(tiny_fer.CLASSES), "tta": "flip"})
+    assert main(["evaluate", str(model_file), str(flip), "--data", str(csv), "--tta", "--limit", "7",
+                 "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tta"] == {"views": "per model"}
+    assert [row["info"]["tta"] for row in report["models"]] == [
+        {"views": "paper", "count": 60, "total_weight": 62.0}, {"views": "flip", "count": 2, "total_weight": 2.0}]
+    assert main(["evaluate", str(flip), "--data", str(csv), "--tta-views", "ten-crop", "--device", "cpu"]) == 2
+    assert "records none" in capsys.readouterr().err   # ten-crop needs a model trained on crops
 
 
 def test_evaluate_cli_rejects_models_of_other_classes(trained: tuple[Path, Path, dict[str, int]],

@@ -5,11 +5,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
 from lhcnet.evaluate import compute_metrics, evaluate_models, predict_probabilities
-from lhcnet.tta import (REFERENCE_SIZE, View, central_crop_box, make_views, paper_views,
-                        select_views, total_weight, tta_predict)
+from lhcnet.tta import (REFERENCE_SIZE, View, central_crop_box, make_views, model_views, paper_views,
+                        select_views, ten_crop_views, total_weight, tta_predict)
 
 from tiny_fer import single_thread  # noqa: F401  (autouse fixture)
 
@@ -134,7 +137,11 @@ def test_translate_then_rotate_loses_what_left_the_frame() -> None:
 def test_select_views_subsets() -> None:
     assert select_views("paper") == paper_views()
     flip = select_views("flip")
-    assert [v.describe() for v in flip] == ["identity", "flip"] and total_weight(flip) == 4
+    assert [v.describe() for v in flip] == ["identity", "flip"] and total_weight(flip) == 2
+    ten = select_views("ten-crop")
+    assert len(set(ten)) == 10 and total_weight(ten) == 10 and sum(v.flip for v in ten) == 5
+    assert {v.crop for v in ten} == {"top-left", "top-right", "bottom-left", "bottom-right", "centre"}
+    assert select_views("none") == (View(),)
     zoom = select_views("zoom")
     assert len(zoom) == 8 and sum(v.zoom != 1.0 for v in zoom) == 6
     ten = select_views(10)
@@ -171,9 +178,80 @@ def test_tta_equals_plain_evaluation_when_the_output_ignores_the_input() -> None
     tta = predict_probabilities(model, faces, batch_size=120, views=paper_views())
     torch.testing.assert_close(tta, plain)
     classes = [str(i) for i in range(7)]
-    with_tta = evaluate_models([("m", model)], faces, labels, classes, views=paper_views())
+    with_tta = evaluate_models([("m", model)], faces, labels, classes, tta="paper")
     without = evaluate_models([("m", model)], faces, labels, classes)
     assert with_tta.models[0].metrics.confusion == without.models[0].metrics.confusion
     assert with_tta.models[0].metrics.accuracy == without.models[0].metrics.accuracy
-    assert with_tta.tta == {"views": "60 views", "count": 60, "total_weight": 62.0}
+    assert with_tta.tta == {"views": "paper", "count": 60, "total_weight": 62.0}
+    assert without.tta is None
     assert compute_metrics(tta, labels, classes).accuracy == without.models[0].metrics.accuracy
+
+
+class PixelModel(nn.Module):
+    """Logits that depend on every pixel and on left vs right (a fixed random linear map)."""
+
+    input_size = 48
+
+    def __init__(self, size: int = 48, num_classes: int = 7, info: dict | None = None) -> None:
+        super().__init__()
+        self.input_size = size
+        self.weight = nn.Parameter(torch.randn(num_classes, 3 * size * size,
+                                               generator=torch.Generator().manual_seed(3)) / 2000)
+        self.lhcnet_metadata = {"info": dict(info or {})}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+
+def torchvision_ten_crop(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Reference: torchvision's ten_crop, each crop resized back to the input size (bilinear)."""
+    size = x.shape[-1]
+    crops = TF.ten_crop(x, [side, side])
+    return torch.cat([TF.resize(c, [size, size], InterpolationMode.BILINEAR, antialias=False) for c in crops])
+
+
+@pytest.mark.parametrize(("size", "crop", "side"), [(48, 44, 44), (48, 40, 40), (224, 40, 187)])
+def test_ten_crop_views_equal_torchvision_ten_crop(size: int, crop: int, side: int) -> None:
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(4)) * 255
+    views = make_views(x, ten_crop_views(), crop)
+    torch.testing.assert_close(views, torchvision_ten_crop(x, side), rtol=0, atol=1e-3)
+    # and by hand at 48: the top-right crop is columns 48 - side.., rows ..side, upsampled to 48
+    if size == 48:
+        by_hand = F.interpolate(x[..., :side, size - side:], size=(size, size), mode="bilinear",
+                                align_corners=False)
+        torch.testing.assert_close(views[2:4], by_hand, rtol=0, atol=1e-3)
+
+
+def test_flip_tta_is_the_mean_of_the_softmax_of_x_and_its_mirror() -> None:
+    model = PixelModel()
+    x = torch.rand(4, 3, 48, 48, generator=torch.Generator().manual_seed(5)) * 255
+    by_hand = (torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1)) / 2
+    got = tta_predict(model, x, select_views("flip"))
+    torch.testing.assert_close(got, by_hand)
+    assert (got - torch.softmax(model(x), 1)).abs().max() > 1e-3   # the mirror does change the output
+
+
+def test_a_model_trained_on_crops_is_evaluated_on_its_centre_crop_and_ten_crops() -> None:
+    model = PixelModel(info={"crop": 44, "tta": "ten-crop"})
+    faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    x = faces.float()[:, None].expand(-1, 3, -1, -1)
+    centre = F.interpolate(x[..., 2:46, 2:46], size=(48, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(predict_probabilities(model, faces), torch.softmax(model(centre), 1))
+    ten = torch.softmax(model(torchvision_ten_crop(x, 44)), 1).view(10, 5, -1).mean(0)
+    torch.testing.assert_close(predict_probabilities(model, faces, views=model_views(model, True)), ten)
+    report = evaluate_models([("m", model)], faces, torch.zeros(5, dtype=torch.long), list("abcdefg"), tta=True)
+    assert report.tta == {"views": "ten-crop", "count": 10, "total_weight": 10.0}
+    assert report.models[0].info["crop"] == 44
+
+
+def test_model_views_follow_the_model_file() -> None:
+    plain, cropped = PixelModel(info={"tta": "flip"}), PixelModel(info={"crop": 40, "tta": "ten-crop"})
+    assert model_views(plain, None) is None and model_views(cropped, None) == (View(),)
+    assert model_views(plain, True) == select_views("flip")
+    assert model_views(cropped, True) == ten_crop_views()
+    assert model_views(PixelModel(), True) == paper_views()     # files that record no TTA
+    assert model_views(cropped, "paper") == paper_views()       # a named set wins
+    with pytest.raises(ValueError, match="records none"):
+        make_views(torch.zeros(1, 3, 48, 48), ten_crop_views(), crop=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        make_views(torch.zeros(1, 3, 48, 48), ten_crop_views(), crop=60)

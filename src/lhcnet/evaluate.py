@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from .data import to_model_input
-from .tta import View, total_weight, tta_predict
+from .tta import View, input_crop, model_views, recorded_tta, total_weight, tta_predict
 
 __all__ = ["Metrics", "ModelResult", "EvaluationReport", "confusion_matrix",
            "expected_calibration_error", "compute_metrics", "predict_probabilities",
-           "evaluate_models", "format_report", "plot_confusion", "write_report"]
+           "describe_tta", "evaluate_models", "format_report", "plot_confusion", "write_report"]
 
 ECE_BINS = 15
 
@@ -144,9 +144,11 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, batch_size:
     Every batch goes through ``to_model_input`` at ``model.input_size``, exactly as in training.
     With ``views`` (TTA) the forward batch holds ``len(views)`` inputs per face, so the number of
     faces per forward is ``batch_size // len(views)`` (at least one): memory stays bounded by
-    ``batch_size`` either way. Inputs and weights are channels-last (NHWC): the same numbers up
+    ``batch_size`` either way. Without ``views`` a model trained on crops sees its centre crop
+    (``lhcnet.tta.model_views``). Inputs and weights are channels-last (NHWC): the same numbers up
     to float rounding, and oneDNN's convolutions run ~1.5x faster on CPU (60-view TTA is 60 forwards).
     """
+    views = views or model_views(model, None)
     model = model.to(device, memory_format=torch.channels_last).eval()
     size = int(getattr(model, "input_size", 224))
     step = batch_size if not views else max(1, batch_size // len(views))
@@ -163,21 +165,39 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, batch_size:
     return torch.cat(out)
 
 
+def describe_tta(model: nn.Module, tta: bool | str | int | None) -> dict[str, Any] | None:
+    """What ``tta`` means for ``model``: the view set's name, view count and total weight; None
+    without TTA. True: the TTA the model file records (``lhcnet.tta.recorded_tta``)."""
+    if tta is None or tta is False:
+        return None
+    views = model_views(model, tta)
+    name = recorded_tta(model) if tta is True else tta
+    name = f"{name} views" if isinstance(name, int) or name.strip().isdigit() else name
+    return {"views": name, "count": len(views), "total_weight": total_weight(views)}
+
+
 def evaluate_models(models: Sequence[tuple[str, nn.Module]], images: torch.Tensor, labels: torch.Tensor,
-                    classes: Sequence[str], *, split: str = "", views: Sequence[View] | None = None,
-                    tta_name: str | None = None, batch_size: int = 256,
-                    device: str | torch.device = "cpu") -> EvaluationReport:
+                    classes: Sequence[str], *, split: str = "", tta: bool | str | int | None = None,
+                    batch_size: int = 256, device: str | torch.device = "cpu") -> EvaluationReport:
     """Evaluate ``(label, model)`` pairs on the same faces; two or more also give the ensemble
-    row (the average of the models' softmax probabilities, each with the same TTA if any)."""
+    row (the average of the models' softmax probabilities).
+
+    ``tta``: None (each model's single view), True (each model's recorded TTA), or a view set name
+    or count for ``lhcnet.tta.select_views`` (the same for every model). Each row's ``info``
+    says which TTA it ran (``tta``) and its training crop (``crop``, 0: none); the report's ``tta``
+    is the common one, or ``{"views": "per model"}`` when the models record different ones.
+    """
     if not models:
         raise ValueError("no models to evaluate")
     results, all_probs = [], []
     for label, model in models:
         began = time.perf_counter()
-        probs = predict_probabilities(model, images, batch_size=batch_size, views=views, device=device)
+        probs = predict_probabilities(model, images, batch_size=batch_size,
+                                      views=model_views(model, tta), device=device)
         seconds = time.perf_counter() - began
         info = {"model": getattr(model, "lhcnet_config", {}).get("name", type(model).__name__),
-                "input_size": int(getattr(model, "input_size", 224)),
+                "input_size": int(getattr(model, "input_size", 224)), "crop": input_crop(model),
+                "tta": describe_tta(model, tta),
                 "seconds": round(seconds, 3), "seconds_per_image": seconds / len(images)}
         results.append(ModelResult(label, compute_metrics(probs, labels, classes), info))
         all_probs.append(probs)
@@ -186,11 +206,9 @@ def evaluate_models(models: Sequence[tuple[str, nn.Module]], images: torch.Tenso
         probs = torch.stack(all_probs).mean(dim=0)
         ensemble = ModelResult(f"ensemble ({len(models)}, softmax mean)",
                                compute_metrics(probs, labels, classes), {"members": [m[0] for m in models]})
-    tta = None
-    if views:
-        tta = {"views": tta_name or f"{len(views)} views", "count": len(views),
-               "total_weight": total_weight(views)}
-    return EvaluationReport(split, tta, results, ensemble)
+    ttas = [row.info["tta"] for row in results]
+    report_tta = ttas[0] if all(t == ttas[0] for t in ttas) else {"views": "per model"}
+    return EvaluationReport(split, report_tta, results, ensemble)
 
 
 def _short(name: str, width: int = 5) -> str:
@@ -203,8 +221,9 @@ def format_report(report: EvaluationReport) -> str:
     rows = report.rows
     classes = rows[0].metrics.classes
     width = max(12, *(len(r.label) for r in rows))
-    tta = ("no TTA" if report.tta is None
-           else f"TTA {report.tta['views']} (total weight {report.tta['total_weight']:g})")
+    tta = ("no TTA" if report.tta is None else f"TTA {report.tta['views']}" + (
+        f" (total weight {report.tta['total_weight']:g})" if "total_weight" in report.tta
+        else ": " + ", ".join(f"{r.label} {r.info['tta']['views']}" for r in report.models)))
     lines = [f"split {report.split or '?'}: {rows[0].metrics.count} images, {tta}", ""]
     header = (f"{'model':<{width}}  {'acc %':>6}  {'top-2 %':>7}  {'macro-F1':>8}  {'ECE':>6}  {'NLL':>6}  "
               + "  ".join(f"{_short(c):>5}" for c in classes))

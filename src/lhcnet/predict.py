@@ -29,7 +29,7 @@ from .export import OnnxModel, onnx_bytes
 from .faces import FER_PAD, FER_SIZE, HaarDetector, crop_faces, to_grey
 from .images import load_image, to_rgb_array
 from .models import load_model
-from .tta import select_views, tta_predict
+from .tta import model_views, tta_predict
 
 __all__ = ["Predictor", "ImageInput", "BUNDLED_MODEL", "bundled_model_path", "model_classes",
            "draw_faces"]
@@ -109,15 +109,17 @@ class Predictor:
         backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime; a PyTorch model is exported in memory).
         batch_size: faces per forward pass.
         pad: crop margin, a fraction of the squared box's side on every side (FER2013's framing).
-        tta: None, or test-time augmentation views for ``lhcnet.tta.select_views`` ("paper" = the
-            paper's 60 views, "flip", "zoom", or a count); probabilities are the views' weighted mean.
+        tta: None (the model's single view: the centre crop for models trained on crops), True
+            (the TTA the model file records; the paper's 60 views if none), or a view set for
+            ``lhcnet.tta.select_views`` ("ten-crop", "flip", "paper", "zoom", or a count);
+            probabilities are the views' weighted mean.
     """
 
     def __init__(self, model: str | os.PathLike | nn.Module | OnnxModel | None = None,
                  device: str | torch.device | None = None,
                  detector: str | Callable[[np.ndarray], np.ndarray] | None = "haar",
                  backend: str = "torch", batch_size: int = 64, pad: float = FER_PAD,
-                 tta: str | int | None = None) -> None:
+                 tta: bool | str | int | None = None) -> None:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if batch_size < 1:
@@ -134,7 +136,7 @@ class Predictor:
             raise ValueError(f"unknown detector {detector!r}; use 'haar', a callable or None")
         self.detector = detector
         self.batch_size, self.pad = batch_size, pad
-        self.views = None if tta is None else select_views(tta)
+        self.views = model_views(self.model, tta)
 
     def __repr__(self) -> str:
         name = (getattr(self.model, "lhcnet_metadata", None) or {}).get("name", type(self.model).__name__)

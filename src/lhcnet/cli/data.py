@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..data import FaceDataset, dataset_stats, format_stats, load_dataset, save_cache
-from ..data.stats import split_summary
+from ..data import SPLITS, FaceDataset, dataset_stats, format_stats, format_table, load_dataset, save_cache
+from ..data.stats import split_summary, without_training_duplicates
 
 _SHOWN_BAD_ROWS = 20
 
@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--cache-dir", default=None,
                        help="where raw sources are cached (default: $LHCNET_HOME/data)")
     stats.add_argument("--no-cache", action="store_true", help="read the raw source, write no cache")
+    stats.add_argument("--dedup", action="store_true",
+                       help="also the table without the PublicTest/PrivateTest faces whose pixels "
+                            "occur in Training")
     stats.set_defaults(func=_stats)
 
 
@@ -68,5 +71,12 @@ def _stats(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.src, labels=args.labels, ferplus_csv=args.ferplus_csv,
                            cache_dir=cache_dir, skip_bad=args.skip_bad)
     print(format_stats(dataset_stats(dataset)))
+    if args.dedup:
+        kept = without_training_duplicates(dataset)
+        removed = dataset.counts().sum(1) - kept.counts().sum(1)
+        print(f"\nwithout the faces whose pixels also occur in Training (--dedup; removed "
+              f"{', '.join(f'{SPLITS[s]} {n}' for s, n in enumerate(removed) if s)}):")
+        print(format_table(kept.counts(), kept.classes))
+        print(f"images: {len(kept)} ({split_summary(kept.counts())})")
     _report_bad_rows(dataset)
     return 0

@@ -33,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write annotated images and predictions.csv / predictions.json here")
     p.add_argument("--tta", action="store_true", help="average over test-time augmentation views")
-    p.add_argument("--tta-views", default="paper",
-                   help="with --tta: 'paper' (60 views), 'zoom' (8), 'flip' (2) or a count")
+    p.add_argument("--tta-views", default=None,
+                   help="with --tta: ten-crop, flip, paper (60 views), zoom (8) or a count "
+                        "(default: the TTA the model file records; paper for files without one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="PyTorch or ONNX Runtime (pip install 'lhcnet[onnx]')")
@@ -78,7 +79,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor(args.model, args.device, backend=args.backend, batch_size=args.batch_size,
-                              tta=args.tta_views if args.tta else None)
+                              tta=(args.tta_views or True) if args.tta else None)
     except ImportError as exc:  # the optional ONNX packages
         print(f"lhcnet predict: error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,10 @@
 
 FER2013 has known quirks (data README): constant images, exact duplicates, validation and test
 images that also occur in Training, duplicates with conflicting labels. ``lhcnet data stats``
-prints them so nobody trains or reports on them unknowingly.
+prints them so nobody trains or reports on them unknowingly. ``without_training_duplicates``
+drops the PublicTest/PrivateTest faces whose pixels also occur in Training (``--dedup`` of
+``lhcnet data stats`` and ``lhcnet evaluate``): a test figure on faces the model never saw.
+Images are compared by a 128-bit BLAKE2b digest of their pixels (exact for any practical purpose).
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import numpy as np
 
 from .dataset import SPLITS, FaceDataset
 
-__all__ = ["DatasetStats", "dataset_stats", "format_table", "split_summary", "format_stats"]
+__all__ = ["DatasetStats", "dataset_stats", "pixel_digests", "training_duplicates",
+           "without_training_duplicates", "format_table", "split_summary", "format_stats"]
+
+TRAINING = SPLITS.index("Training")
 
 
 @dataclass
@@ -28,12 +34,32 @@ class DatasetStats:
     bad_rows: int
 
 
+def pixel_digests(images: np.ndarray) -> list[bytes]:
+    """One 128-bit digest of each image's pixels (equal images, equal digests)."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+
+def training_duplicates(dataset: FaceDataset) -> np.ndarray:
+    """bool (N,): the faces outside Training whose pixels also occur in a Training face."""
+    digests = pixel_digests(dataset.images)
+    training = {d for d, split in zip(digests, dataset.splits) if split == TRAINING}
+    return np.array([split != TRAINING and d in training for d, split in zip(digests, dataset.splits)],
+                    dtype=bool).reshape(len(dataset))
+
+
+def without_training_duplicates(dataset: FaceDataset) -> FaceDataset:
+    """The data set without the PublicTest/PrivateTest faces whose pixels also occur in Training
+    (Training and the other test faces unchanged, in order)."""
+    return dataset.subset(~training_duplicates(dataset))
+
+
 def dataset_stats(dataset: FaceDataset) -> DatasetStats:
     flat = np.asarray(dataset.images).reshape(len(dataset), -1)
     blank = int((flat.min(axis=1) == flat.max(axis=1)).sum())
     groups: dict[bytes, list[int]] = defaultdict(list)
-    for i, row in enumerate(flat):  # 128-bit digests: exact for any practical purpose
-        groups[hashlib.blake2b(row.tobytes(), digest_size=16).digest()].append(i)
+    for i, digest in enumerate(pixel_digests(flat)):
+        groups[digest].append(i)
     duplicates = [g for g in groups.values() if len(g) > 1]
     conflicting = sum(len(set(dataset.labels[g].tolist())) > 1 for g in duplicates)
     overlap = {}
