@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import importlib
 
 # One module per command group, in help order.
-COMMAND_MODULES = ["info", "data", "train", "convert", "evaluate", "analyze", "predict", "export"]
+COMMAND_MODULES = ["info", "data", "train", "convert", "evaluate", "analyze", "predict", "export",
+                   "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
