@@ -1,9 +1,11 @@
-"""The qubvel Keras .h5 -> safetensors converter (spec §10), on synthetic HDF5 files.
+"""The ImageNet converters (spec §10): qubvel's Keras .h5 and torchvision's .pth -> safetensors.
 
-The files are written the way Keras ``save_weights`` writes them (a group per layer with a
+The .h5 files are written the way Keras ``save_weights`` writes them (a group per layer with a
 ``weight_names`` attribute, datasets ``<layer>/<weight>:0``), with qubvel's layer names and random
 weights. A NumPy re-implementation of the Keras graph (NHWC, HWIO kernels, ZeroPadding + 'valid'
-convs) computes the reference forward pass from the same arrays.
+convs) computes the reference forward pass from the same arrays. The .pth stand-ins are random
+torchvision ResNets saved with ``torch.save``, as torchvision publishes them; the reference is
+torchvision's own forward pass.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from lhcnet.cli import main as lhcnet_main
-from lhcnet.convert import convert_weights, keras_to_state_dict, read_keras_weights
+from lhcnet.convert import (QUBVEL_RESNET34_MD5, convert_weights, keras_to_state_dict, read_keras_weights,
+                            read_torchvision_weights)
 from lhcnet.models import create_model
 from lhcnet.models.backbones import PreActResNet
 
@@ -103,7 +106,7 @@ def test_converted_weights_reproduce_the_keras_forward(tmp_path) -> None:
     model = PreActResNet(layers=(1, 1), widths=(8, 16), head_hidden=(6,), input_size=32).eval()
     model.lhcnet_config = {"name": "small", "num_classes": 7, "settings": {}}
     summary = convert_weights(path, tmp_path / "small.safetensors", model=model)
-    assert not summary["md5_matches_qubvel_resnet34"]
+    assert not summary["verified"] and summary["checksum"].startswith("md5 ")
     from safetensors.torch import load_file
     state = load_file(str(summary["output"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -147,3 +150,85 @@ def test_converter_errors_name_the_problem(tmp_path) -> None:
         convert_weights(small, tmp_path / "out.safetensors", model="resnet34v2")
     with pytest.raises(FileNotFoundError, match="Keras weights file not found"):
         convert_weights(tmp_path / "missing.h5", tmp_path / "out.safetensors")
+
+
+def test_without_the_imagenet_file_one_line_names_qubvels_h5_its_md5_and_the_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LHCNET_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as error:
+        create_model("lhcnet_resnet34v2", pretrained="imagenet")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'resnet34_imagenet_1000_no_top.h5' (https://github.com/qubvel/classification_models/releases/" \
+           "download/0.0.1/resnet34_imagenet_1000_no_top.h5, md5 8caaa0ad39d927cb8ba5385bf945d582)" in message
+    assert QUBVEL_RESNET34_MD5 == "8caaa0ad39d927cb8ba5385bf945d582"  # spec §10
+    target = tmp_path / "weights" / "resnet34v2_imagenet.safetensors"
+    assert f"run 'lhcnet convert-weights resnet34_imagenet_1000_no_top.h5 -o {target}'" in message
+
+
+# --- torchvision's .pth (tv_* models) ---------------------------------------------------------
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255  # torchvision's transforms
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def torchvision_standin(arch: str, path, seed: int = 0):
+    """A random torchvision ResNet with non-trivial BatchNorm statistics, saved as torchvision does."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
+def test_torchvision_weights_convert_via_the_cli_and_reproduce_torchvisions_forward(tmp_path, monkeypatch, capsys) -> None:
+    path = tmp_path / "resnet34-b627a593.pth"
+    reference = torchvision_standin("resnet34", path)
+    monkeypatch.setenv("LHCNET_HOME", str(tmp_path / "home"))
+    assert lhcnet_main(["convert-weights", str(path), "--model", "tv_resnet34"]) == 0
+    out = capsys.readouterr().out
+    # torchvision's 21,797,672 parameters - fc's 513,000 + 2 x 8,512 BatchNorm statistics; 36 convs + 36 x 5 BN
+    assert "tv_resnet34_imagenet.safetensors: 216 tensors, 21,301,696 weights" in out
+    assert "note: sha256" in out and "is not that of torchvision's resnet34-b627a593.pth" in out  # a stand-in
+    plain = create_model("tv_resnet34", pretrained="imagenet").eval()
+    plain.net.fc, reference.fc = torch.nn.Identity(), torch.nn.Identity()  # compare the 512 features
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), reference((x - IMAGENET_MEAN) / IMAGENET_STD), rtol=1e-4, atol=1e-4)
+    lhc = create_model("lhcnet_tv_resnet34", pretrained="imagenet")  # the LHC version loads it too
+    assert torch.equal(lhc.net.layer3[5].bn2.running_var, reference.layer3[5].bn2.running_var)
+
+
+def test_torchvision_file_is_never_unpickled_beyond_tensors(tmp_path) -> None:
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv1.weight": torch.zeros(1), "trap": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="evil.pth: not a PyTorch weights file that loads safely"):
+        read_torchvision_weights(tmp_path / "evil.pth")
+    assert not marker.exists()
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        read_torchvision_weights(tmp_path / "list.pth")
+    resnet18 = tmp_path / "resnet18-f37072fd.pth"
+    torchvision_standin("resnet18", resnet18)
+    with pytest.raises(ValueError, match=r"does not fit tv_resnet34: missing \['net.layer1.2.bn1.bias'"):
+        convert_weights(resnet18, tmp_path / "out.safetensors", model="tv_resnet34")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_without_torchvisions_file_one_line_names_it_and_the_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LHCNET_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as error:
+        create_model("lhcnet_tv_resnet34", pretrained="imagenet")
+    message = str(error.value)
+    assert "\n" not in message and "ImageNet weights for tv_resnet34 not found" in message
+    assert "'resnet34-b627a593.pth' (https://download.pytorch.org/models/resnet34-b627a593.pth, " \
+           "sha256 starting b627a593)" in message
+    assert "lhcnet convert-weights resnet34-b627a593.pth --model tv_resnet34 -o" in message

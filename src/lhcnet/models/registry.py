@@ -163,25 +163,13 @@ def default_weights_dir() -> Path:
 def load_backbone_weights(model: nn.Module, source: str | os.PathLike, name: str = "") -> None:
     """Load ImageNet (or other) backbone weights by parameter name; the classifier head is skipped.
 
-    ``source="imagenet"``: for ``tv_*`` models torchvision's weights (downloaded by torchvision);
-    for the pre-activation ResNets the converted qubvel file ``<LHCNET_HOME>/weights/<name>_imagenet
-    .safetensors``. Otherwise ``source`` is a safetensors file.
+    ``source="imagenet"``: the converted ImageNet file ``<LHCNET_HOME>/weights/<backbone>_imagenet
+    .safetensors`` (``lhcnet convert-weights``: qubvel's Keras file for the pre-activation ResNets,
+    torchvision's for ``tv_*``); nothing is downloaded. Otherwise ``source`` is a safetensors file.
     """
     if str(source) == "imagenet":
-        if isinstance(model, TorchvisionResNet):
-            model.load_imagenet()
-            return
-        base = base_model_name(name) or "resnet34v2"
-        path = default_weights_dir() / f"{base}_imagenet.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"ImageNet weights for {base} not found at {path}. Without internet access they "
-                "cannot be downloaded here. On a machine with internet, download qubvel's "
-                "'resnet34_imagenet_1000_no_top.h5' (https://github.com/qubvel/classification_models/"
-                "releases/download/0.0.1/resnet34_imagenet_1000_no_top.h5, md5 "
-                "8caaa0ad39d927cb8ba5385bf945d582), then run 'lhcnet convert-weights "
-                f"resnet34_imagenet_1000_no_top.h5 -o {path}' (or set LHCNET_HOME).")
-        source = path
+        from ..convert import imagenet_weights
+        source = imagenet_weights(name or "resnet34v2")
     state = load_weights(source)
     own = model.state_dict()
     backbone_keys = {k for k in own if not k.startswith(("head.", "lhc.", "net.fc."))}

@@ -2,7 +2,8 @@
 
 The ImageNet mean/std normalisation is a fixed first step, so every lhcnet model sees the same
 input as ResNet34v2 (whose ``bn_data`` layer normalises). Places for LHC blocks: ``net.maxpool``,
-``net.layer1`` ... ``net.layer4``.
+``net.layer1`` ... ``net.layer4``. ImageNet weights come from torchvision's file, converted once
+(``lhcnet convert-weights resnet34-b627a593.pth --model tv_resnet34``; never downloaded here).
 """
 from __future__ import annotations
 
@@ -26,21 +27,6 @@ class TorchvisionResNet(nn.Module):
         self.net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def load_imagenet(self) -> None:
-        """torchvision's ImageNet weights (downloaded by torchvision; needs internet once)."""
-        import torchvision
-
-        weights = torchvision.models.get_model_weights(self.arch).DEFAULT
-        try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as exc:  # URLError, OSError, ...: no network here
-            raise RuntimeError(
-                f"could not download torchvision's {weights} ({exc}). Offline, download "
-                f"{weights.url} on a machine with internet and put it in "
-                f"{torch.hub.get_dir()}/checkpoints/") from None
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        self.net.load_state_dict(state, strict=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
