@@ -1,12 +1,15 @@
 """BatchLoader: model-ready batches, determinism per (seed, epoch), sharding, soft labels."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from lhcnet.data import (AugmentConfig, BatchLoader, FaceDataset, augment, paper_jpeg,
                          to_model_input)
+from lhcnet.data.placement import check_room_for_images, fits_on_device
 
 STAGE2 = AugmentConfig(rotation=10, shift=0.1, zoom=0.1, flip=True)
 
@@ -121,18 +124,63 @@ def test_soft_labels():
     assert torch.equal(y, torch.from_numpy(explicit))
 
 
-def test_paper_jpeg_is_done_once_at_size(monkeypatch):
+def test_loaders_share_the_image_array():
+    """No per-loader copies: a stage's training and acceptance loaders read one array."""
+    images = _dataset(6).images
+    train = BatchLoader(images, batch_size=4, size=64, shuffle=True, augment=STAGE2)
+    evaluation = BatchLoader(images, batch_size=4, size=64)
+    assert train.images.data_ptr() == evaluation.images.data_ptr() == images.ctypes.data
+    x, _ = next(iter(evaluation))
+    assert torch.equal(x, to_model_input(torch.from_numpy(images[:4]), 64))
+
+
+def test_a_read_only_memmap_is_read_into_memory_once(tmp_path):
+    images = _dataset(5).images
+    mapped = np.lib.format.open_memmap(tmp_path / "faces.npy", mode="w+", dtype=np.uint8, shape=images.shape)
+    mapped[:] = images
+    mapped.flush()
+    read_only = np.load(tmp_path / "faces.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about non-writable arrays: none may reach it
+        loader = BatchLoader(read_only, batch_size=5, size=48)
+    assert loader.images.data_ptr() != read_only.ctypes.data
+    assert torch.equal(loader.images, torch.from_numpy(images))
+
+
+def test_channels_last_batches_hold_the_same_values():
     ds = _dataset(4)
-    loader = BatchLoader(ds, batch_size=4, size=64, paper_jpeg=True)
-    assert loader.images.shape == (4, 64, 64) and loader.images.dtype == torch.uint8
-    np.testing.assert_array_equal(loader.images.numpy(), paper_jpeg(ds.images, 64))
-    x, _ = next(iter(loader))
-    assert torch.equal(x[:, 0], loader.images.float())
-    # the next stage's loader over the same images reuses the round trip
-    monkeypatch.setattr("lhcnet.data.preprocess.paper_jpeg",
-                        lambda *a, **k: pytest.fail("JPEG round trip done twice"))
-    again = BatchLoader(ds, batch_size=2, size=64, paper_jpeg=True, shuffle=True)
-    assert torch.equal(again.images, loader.images)
+    plain = next(iter(BatchLoader(ds, batch_size=4, size=64, augment=STAGE2)))[0]
+    x, _ = next(iter(BatchLoader(ds, batch_size=4, size=64, augment=STAGE2, channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(x, plain)
+
+
+def test_images_go_to_the_gpu_only_when_a_quarter_of_its_free_memory_holds_them(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_000, 80_000))
+    assert fits_on_device(1_000, "cuda") and not fits_on_device(1_001, "cuda")
+    assert fits_on_device(10 ** 12, "cpu")
+
+
+def test_paper_scale_set_is_refused_before_training_when_memory_is_short(monkeypatch):
+    import lhcnet.data.placement as placement
+    need = 28_709 * 224 * 224  # the paper's JPEG training set: 1.44 GB
+    monkeypatch.setattr(placement, "available_host_memory", lambda: need)  # no room to convert
+    with pytest.raises(ValueError, match=r"paper_jpeg: 28,709 images at 224 px need 1.44 GB of memory"):
+        check_room_for_images(28_709, 224, "cpu", "paper_jpeg")
+    monkeypatch.setattr(placement, "available_host_memory", lambda: 2 * need)
+    assert check_room_for_images(28_709, 224, "cpu", "paper_jpeg") == need == 1_440_502_784  # 28,709 x 50,176
+    monkeypatch.setattr(placement, "available_host_memory", lambda: None)  # unknown: no check
+    assert check_room_for_images(28_709, 224, "cpu", "paper_jpeg") == need
+
+
+def test_paper_jpeg_fills_a_given_tensor_block_by_block():
+    images = _dataset(3).images
+    out = torch.zeros((3, 64, 64), dtype=torch.uint8)
+    assert paper_jpeg(images, 64, out=out) is out
+    np.testing.assert_array_equal(out.numpy(), paper_jpeg(images, 64))
+    with pytest.raises(ValueError, match="out has shape"):
+        paper_jpeg(images, 64, out=torch.zeros((3, 48, 48), dtype=torch.uint8))
 
 
 def test_bad_arguments():
@@ -149,7 +197,15 @@ def test_bad_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_batches_stay_on_the_device():
-    loader = BatchLoader(_dataset(8), batch_size=4, size=64, augment=STAGE2, device="cuda")
+def test_cuda_batches_stay_on_the_device(monkeypatch):
+    ds = _dataset(8)
+    loader = BatchLoader(ds, batch_size=4, size=64, augment=STAGE2, device="cuda")
+    assert loader.images.is_cuda
     x, y = next(iter(loader))
     assert x.is_cuda and y.is_cuda
+    # images that do not fit stay pinned on the host; the batches are the same
+    monkeypatch.setattr("lhcnet.data.placement.fits_on_device", lambda nbytes, device: False)
+    host = BatchLoader(ds, batch_size=4, size=64, augment=STAGE2, device="cuda")
+    assert host.images.is_pinned() and not host.images.is_cuda
+    x_host, y_host = next(iter(host))
+    assert x_host.is_cuda and torch.equal(x_host, x) and torch.equal(y_host, y)

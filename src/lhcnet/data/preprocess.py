@@ -34,13 +34,15 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
-def grey_to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, H, W)`` -> ``(B, 3, H, W)`` by replication; three-channel input is returned as is."""
+def grey_to_rgb(images: torch.Tensor,
+                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``(B, 1, H, W)`` -> ``(B, 3, H, W)`` by replication, in ``memory_format`` (e.g.
+    ``torch.channels_last``); three-channel input is only laid out in that format."""
     if images.shape[1] == 3:
-        return images
+        return images.contiguous(memory_format=memory_format)
     if images.shape[1] != 1:
         raise ValueError(f"expected 1 or 3 channels, got {images.shape[1]}")
-    return images.expand(-1, 3, -1, -1).contiguous()
+    return images.expand(-1, 3, -1, -1).contiguous(memory_format=memory_format)
 
 
 def to_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,20 +78,24 @@ def jpeg_roundtrip(image: np.ndarray, quality: int = 100) -> np.ndarray:
         return np.asarray(decoded.convert("L"), dtype=np.uint8)
 
 
-def paper_jpeg(images: np.ndarray, size: int, quality: int = 100,
-               workers: int | None = None) -> np.ndarray:
+def paper_jpeg(images: np.ndarray, size: int, quality: int = 100, workers: int | None = None,
+               out: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
     """The paper's training-set ETL (spec §5): uint8 ``(N, H, W)`` -> uint8 ``(N, size, size)``.
 
     Bilinear resize to ``size``, floor to uint8 (the paper argues this moves the training mean by
     -0.5 towards validation/test), JPEG quality 100 4:4:4, decode. Pillow releases the GIL while
-    coding, so a thread pool uses every core.
+    coding, so a thread pool uses every core. ``out``: a uint8 ``(N, size, size)`` array or tensor
+    (on any device, e.g. the GPU) filled block by block, so the host never holds the whole set.
     """
-    out = np.empty((len(images), size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(images), size, size), dtype=np.uint8)
+    if tuple(out.shape) != (len(images), size, size):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(len(images), size, size)}")
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(images), 512):
             x = resize(torch.as_tensor(np.asarray(images[start:start + 512])), size)[:, 0]
             floored = x.floor().clamp(0, 255).to(torch.uint8).numpy()
-            out[start:start + len(floored)] = np.stack(list(pool.map(
-                lambda a: jpeg_roundtrip(a, quality), floored)))
+            block = np.stack(list(pool.map(lambda a: jpeg_roundtrip(a, quality), floored)))
+            out[start:start + len(block)] = torch.from_numpy(block) if isinstance(out, torch.Tensor) else block
     return out
