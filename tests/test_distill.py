@@ -1,24 +1,19 @@
-"""scripts/distill.py: soft targets from teacher models, trained through the ordinary recipe loop."""
+"""``lhcnet distill``: soft targets from teacher models, trained through the ordinary recipe loop."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import tiny_models as tm
-from conftest import REPO
+from lhcnet import distill
+from lhcnet.cli import main as lhcnet_main
 from lhcnet.evaluate import predict_probabilities
 from lhcnet.models import create_model, load_model, save_model
 from lhcnet.train import TrainOptions, load_recipe, train
-
-spec = importlib.util.spec_from_file_location("distill", REPO / "scripts" / "distill.py")
-distill = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill)
 
 RECIPE = """
 name = "tiny-distill"
@@ -56,9 +51,8 @@ def test_distill_trains_on_the_teachers_probabilities(tmp_path, monkeypatch) -> 
     (tmp_path / "r.toml").write_text(RECIPE)
 
     def run_distill(out):
-        monkeypatch.setattr(sys, "argv", ["distill", "--recipe", str(tmp_path / "r.toml"), "--data", str(data),
-                                          "--out", str(out), "--teachers", str(teacher), str(teacher)])
-        return distill.main()
+        return lhcnet_main(["distill", "--recipe", str(tmp_path / "r.toml"), "--data", str(data), "--out", str(out),
+                            "--device", "cpu", "--no-progress", "--teachers", str(teacher), str(teacher)])
 
     out = tmp_path / "student"
     assert run_distill(out) == 0
@@ -83,9 +77,10 @@ def test_distill_trains_on_the_teachers_probabilities(tmp_path, monkeypatch) -> 
     assert soft_loss != pytest.approx(hard_loss, rel=1e-3)
 
 
-def test_alpha_below_one_half_is_refused(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(sys, "argv", ["distill", "--recipe", "r.toml", "--data", "d.csv", "--out", str(tmp_path),
-                                      "--teachers", "t.safetensors", "--alpha", "0.3"])
+def test_alpha_below_one_half_is_refused(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
-        distill.main()
+        lhcnet_main(["distill", "--recipe", "r.toml", "--data", "d.csv", "--out", str(tmp_path),
+                     "--teachers", "t.safetensors", "--alpha", "0.3"])
     assert "expected a value in [0.5, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"expected a value in \[0.5, 1\]"):
+        distill.distillation_targets(np.zeros(3, dtype=np.int64), np.ones(3, bool), np.zeros((3, 7)), 0.4, 7)

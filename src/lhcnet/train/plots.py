@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..files import atomic_write
+
 __all__ = ["plot_training_curves"]
 
 
@@ -34,9 +36,7 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    try:
+        return atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
