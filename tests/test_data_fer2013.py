@@ -219,6 +219,16 @@ def test_missing_column(tmp_path, header):
         load_fer2013(tmp_path / "h.csv", skip_bad=True)  # a header cannot be skipped
 
 
+@pytest.mark.parametrize("header", ["emotion,pixels,Usage,emotion", "emotion,pixels,Usage,Pixels"])
+def test_duplicate_column_is_refused(tmp_path, header):
+    """Which of two 'emotion' columns holds the labels is anyone's guess: refuse, do not pick one."""
+    images, labels, usages = fake_faces(2)
+    rows = [f"{y},{' '.join(map(str, img.ravel()))},{u},{(y + 1) % 7}" for img, y, u in zip(images, labels, usages)]
+    (tmp_path / "d.csv").write_text("\n".join([header, *rows]) + "\n")
+    with pytest.raises(ValueError, match=r"d\.csv: line 1: column '(emotion|pixels)' appears 2 times"):
+        load_fer2013(tmp_path / "d.csv", skip_bad=True)
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n", gzip.compress(b"")])
 def test_empty_file(tmp_path, content):
     (tmp_path / "e.csv.gz").write_bytes(content)

@@ -96,3 +96,16 @@ def test_load_dataset_caches_folders(tmp_path, monkeypatch):
                         lambda *a, **k: pytest.fail("folder decoded again"))
     again = load_dataset(tmp_path / "faces", cache_dir=tmp_path / "cache", image_size=32)
     np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_symlink_loops_and_broken_links_are_counted(tmp_path, caplog):
+    _save(tmp_path / "happy" / "a.png", 10)
+    (tmp_path / "happy" / "loop.png").symlink_to("loop.png")        # ELOOP
+    (tmp_path / "happy" / "gone.png").symlink_to("missing.png")     # target missing
+    (tmp_path / "happy" / "up").symlink_to("..")                    # a folder link: not followed
+    with caplog.at_level(logging.WARNING):
+        ds = load_image_folder(tmp_path)
+    assert len(ds) == 1
+    assert [(b.path.split("/")[-1], b.reason) for b in ds.bad_rows] == [
+        ("gone.png", "broken symlink (its target is missing)"), ("loop.png", "symlink loop")]
+    assert "skipped 2 unreadable images or links" in caplog.text

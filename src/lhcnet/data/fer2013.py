@@ -185,6 +185,10 @@ def _header_columns(header: bytes, name: str) -> dict[str, int]:
     """Column positions by name (case and spaces ignored, as in Kaggle's later ``icml_face_data``)."""
     header = header.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r")  # UTF-8 BOM from spreadsheet tools
     names = [_unquote(f).decode(errors="replace").lower() for f in header.split(b",")]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{name}: line 1: column {twice[0]!r} appears {names.count(twice[0])} times; "
+                         "expected each of emotion,pixels,Usage once")
     missing = [c for c in COLUMNS if c.lower() not in names]
     if missing:
         got = ",".join(names)[:80]

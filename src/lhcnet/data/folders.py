@@ -6,6 +6,7 @@ skipped: one broken JPEG never stops the conversion of a large folder.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -55,6 +56,7 @@ def load_image_folder(root: str | os.PathLike, labels: str | None = None,
                          f"one of {', '.join(classes)}")
     images, targets, splits, bad = [], [], [], []
     for split, folder in groups:
+        bad += _unresolvable_links(folder)
         for file in find_images(folder):
             try:
                 images.append(read_grey_image(file, image_size))
@@ -64,7 +66,7 @@ def load_image_folder(root: str | os.PathLike, labels: str | None = None,
             targets.append(lookup[folder.name.lower()])
             splits.append(split)
     if bad:
-        log.warning("%s: skipped %d unreadable images: %s", root, len(bad),
+        log.warning("%s: skipped %d unreadable images or links: %s", root, len(bad),
                     "; ".join(str(b) for b in bad[:10]) + (" ..." if len(bad) > 10 else ""))
     if not images:
         raise ValueError(f"{root}: no readable images; expected root/<class>/*.png|jpg or "
@@ -72,6 +74,20 @@ def load_image_folder(root: str | os.PathLike, labels: str | None = None,
     return FaceDataset(images=np.stack(images), labels=np.array(targets, dtype=np.int64),
                        splits=np.array(splits, dtype=np.uint8), classes=classes, source=str(root),
                        bad_rows=bad)
+
+
+def _unresolvable_links(folder: Path) -> list[BadRecord]:
+    """Symbolic links below ``folder`` with an image name that lead nowhere: a loop or a missing
+    target (``find_images`` cannot see them as files, so they are reported here)."""
+    bad = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            try:
+                path.stat()
+            except OSError as exc:
+                what = "symlink loop" if exc.errno == errno.ELOOP else "broken symlink (its target is missing)"
+                bad.append(BadRecord(str(path), None, what))
+    return bad
 
 
 def _class_folders(root: Path) -> list[tuple[int, Path]]:
