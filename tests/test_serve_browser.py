@@ -193,7 +193,7 @@ def test_webcam_draws_boxes_over_the_live_video(browser_page):
     (expected,) = Predictor().predict(camera_frame())
     assert page.eval_on_selector("#cam-overlay", "c => [c.width, c.height]") == [640, 480]
     # The camera's frames are lossy copies (4:2:0, then JPEG): the box may move by a pixel or two,
-    # and the Haar cascade may add a false face, so the face is looked for among those drawn.
+    # and a detector may add a false face (Haar did here), so the face is looked for among those drawn.
     x, y, w, h = expected["box"]
     top_edge = [pixel(page, "#cam-overlay", x + w // 2, y + dy) for dy in range(-3, 4)]
     assert set(top_edge) & set(PALETTE), top_edge
