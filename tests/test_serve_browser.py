@@ -42,6 +42,12 @@ BOX_COLOR = PALETTE[0]  # the first face's box
 MAX_UPLOAD_MB = 20  # the server's default
 
 
+@pytest.fixture(scope="module")
+def reference() -> Predictor:
+    """The Predictor the server runs (bundled model, default detector), in this process."""
+    return Predictor()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,13 +141,13 @@ def save_screenshot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / name), full_page=True)
 
 
-def test_photo_upload_shows_the_faces_and_probabilities(browser_page, server):
+def test_photo_upload_shows_the_faces_and_probabilities(browser_page, server, reference):
     page, requested = browser_page
     sync_api.expect(page.locator("#model-info")).to_contain_text("model lhcnet_resnet18v2_48", timeout=30_000)
     page.set_input_files("#file-input", str(PHOTO))
     card = page.locator('.card[data-status="done"]')
     card.wait_for(timeout=60_000)
-    (expected,) = Predictor().predict(PHOTO)  # in this process, not through the server
+    (expected,) = reference.predict(PHOTO)  # in this process, not through the server
     sync_api.expect(card.locator(".message")).to_have_text("1 face found")
     title = card.locator(".face h3")
     assert title.inner_text() == f"Face 1: {expected['label']} {100 * expected['label_score']:.1f} %"
@@ -181,7 +187,7 @@ def test_messages_for_no_face_non_image_and_too_large(browser_page, tmp_path):
         sync_api.expect(first.locator(".message")).to_contain_text(message)
 
 
-def test_webcam_draws_boxes_over_the_live_video(browser_page):
+def test_webcam_draws_boxes_over_the_live_video(browser_page, reference):
     page, _ = browser_page
     page.click("#tab-webcam")
     page.click("#cam-start")
@@ -190,7 +196,7 @@ def test_webcam_draws_boxes_over_the_live_video(browser_page):
     sync_api.expect(page.locator("#cam-fps")).to_have_text(re.compile(r"\d+\.\d frames/s"), timeout=30_000)
     fps = float(page.locator("#cam-fps").inner_text().split()[0])
     assert 0 < fps <= 5.5  # frames are sent one after the other, at most 5 a second
-    (expected,) = Predictor().predict(camera_frame())
+    (expected,) = reference.predict(camera_frame())
     assert page.eval_on_selector("#cam-overlay", "c => [c.width, c.height]") == [640, 480]
     # The camera's frames are lossy copies (4:2:0, then JPEG): the box may move by a pixel or two,
     # and a detector may add a false face (Haar did here), so the face is looked for among those drawn.

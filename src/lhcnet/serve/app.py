@@ -10,6 +10,8 @@ from a CDN: it works offline.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -92,11 +94,17 @@ def model_card(predictor: Predictor) -> dict[str, Any]:
 
 def create_app(predictor: Predictor, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The app serving ``predictor``; all model calls run on one thread (``InferenceWorker``)."""
+    worker = InferenceWorker()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()  # at shutdown: drop the queued jobs, let the running one finish
+
     app = FastAPIOffline(
-        title="lhcnet", version=__version__, redoc_url=None,
+        title="lhcnet", version=__version__, redoc_url=None, lifespan=lifespan,
         description="Facial expression recognition (LHC-Net), local and offline. Errors are "
                     '`{"detail": "<one line>"}`. See docs/serve.md.')
-    worker = InferenceWorker()
     app.state.worker, app.state.settings = worker, settings
     bearer = HTTPBearer(auto_error=False, description="only when the server was started with a token")
 

@@ -70,4 +70,5 @@ class InferenceWorker:
         self.pending -= 1
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Drop the queued jobs and wait for the running one."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -254,10 +254,10 @@ async function camLoop() {
         const faces = result.data[0].faces;
         showCamFaces(faces, scale);
         camSay(faces.length ? "" : "no face in view", faces.length ? "" : "warn");
-        const now = performance.now();
-        cam.done = cam.done.filter((t) => now - t < 3000).concat(now);
-        const span = (now - cam.done[0]) / 1000;
+        // the rate over the last 3 s, from the moments the answered frames were taken
+        cam.done = cam.done.filter((t) => started - t < 3000).concat(started);
         if (cam.done.length > 1) {
+          const span = (started - cam.done[0]) / 1000;
           $("cam-fps").textContent = ((cam.done.length - 1) / span).toFixed(1) + " frames/s";
         }
       } else {
