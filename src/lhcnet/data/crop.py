@@ -21,7 +21,8 @@ import torch
 from .fer2013 import SIDE as FACE_SIZE
 from .preprocess import resize
 
-__all__ = ["FACE_SIZE", "CROP_POSITIONS", "crop_side", "crop_offsets", "crop_resize", "random_crop"]
+__all__ = ["FACE_SIZE", "CROP_POSITIONS", "crop_side", "crop_offsets", "crop_resize", "centre_crop",
+           "random_crop"]
 
 CROP_POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")  # five_crop's order
 
@@ -63,6 +64,13 @@ def crop_resize(x: torch.Tensor, top: int | torch.Tensor, left: int | torch.Tens
     if crops.shape[-2:] != (side, side):
         raise ValueError(f"crop ({top}, {left}) of side {side} does not fit images {h}x{w}")
     return resize(crops, h)
+
+
+def centre_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """Evaluation's view of a model trained on crops: the centre crop, resized back to S."""
+    size = x.shape[-1]
+    side = crop_side(crop, size)
+    return crop_resize(x, *crop_offsets("centre", size, side), side)
 
 
 def random_crop(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
