@@ -9,6 +9,8 @@ the process (counted over all stages):
 - ``LHCNET_TEST_KILL_AT=N``: SIGKILL this process (a crash mid-epoch).
 - ``LHCNET_TEST_SIGNAL_AT=N``: send SIGTERM to this process (a polite stop).
 - ``LHCNET_TEST_NAN_AT=N``: the logits become NaN.
+- ``LHCNET_TEST_KILL_AT_EVAL=N``: SIGKILL at the N-th forward in eval mode (validation, the
+  acceptance rule's training-loss evaluation).
 """
 from __future__ import annotations
 
@@ -28,11 +30,15 @@ from lhcnet.models.registry import ModelSpec, register_model
 
 TINY_BLOCKS = (LHCBlock("stem", 8, 8, heads=2, embed_dim=8), LHCBlock("stage2", 16, 4, heads=1, embed_dim=8))
 _forwards = 0
+_eval_forwards = 0
 
 
 def _fault_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    global _forwards
+    global _forwards, _eval_forwards
     if not module.training:
+        _eval_forwards += 1
+        if _eval_forwards == int(os.environ.get("LHCNET_TEST_KILL_AT_EVAL", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
         return output
     _forwards += 1
     if _forwards == int(os.environ.get("LHCNET_TEST_KILL_AT", "0")):
