@@ -8,7 +8,8 @@ import pytest
 
 import tiny_models  # noqa: F401  (registers the tiny models used below)
 from lhcnet.cli import main as lhcnet_main
-from lhcnet.train import AugmentSettings, RecipeError, load_recipe, parse_recipe, recipe_to_toml
+from lhcnet.data import AugmentConfig
+from lhcnet.train import RecipeError, load_recipe, parse_recipe, recipe_to_toml
 from lhcnet.train.recipe import tomllib
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -31,7 +32,7 @@ STANDALONE = {  # lr, batch, patience, (rotation, shift, zoom, flip); seed 1; LH
 }
 
 
-def augment_tuple(a: AugmentSettings) -> tuple:
+def augment_tuple(a: AugmentConfig) -> tuple:
     return (a.rotation, a.shift, a.zoom, a.flip)
 
 

@@ -37,7 +37,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RecipeError", "OptimizerSettings", "AugmentSettings", "Acceptance", "Stage", "Recipe",
+from ..data.augment import AugmentConfig
+
+__all__ = ["RecipeError", "OptimizerSettings", "Acceptance", "Stage", "Recipe", "matched_tta",
            "load_recipe", "parse_recipe", "recipe_to_toml", "LABELS", "TRAINABLE", "MONITORS",
            "OPTIMIZERS", "ON_STOP"]
 
@@ -68,20 +70,6 @@ class OptimizerSettings:
 
 
 @dataclass(frozen=True)
-class AugmentSettings:
-    """Random affine augmentation of training batches (Keras ImageDataGenerator semantics)."""
-
-    rotation: float = 0.0  # degrees, uniform in +-rotation
-    shift: float = 0.0     # fraction of the image size, uniform in +-shift, x and y
-    zoom: float = 0.0      # zx, zy independently uniform in [1 - zoom, 1 + zoom]
-    flip: bool = False     # horizontal flip with probability 0.5
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rotation or self.shift or self.zoom or self.flip)
-
-
-@dataclass(frozen=True)
 class Acceptance:
     """The paper's stage-4 filter: accept when the final training loss (un-augmented training set,
     eval mode) < the starting model's training loss + ``margin`` (the paper's margin is unknown)."""
@@ -103,7 +91,7 @@ class Stage:
     init_file: str | None = None    # start = "file": a model file whose weights are loaded by name
     model_args: dict[str, Any] = field(default_factory=dict)
     trainable: str = "all"
-    augment: AugmentSettings = AugmentSettings()
+    augment: AugmentConfig = AugmentConfig()  # the training batches' augmentation (data/augment.py)
     monitor: str = "val_acc"
     seed: int = 0
     eval_batch_size: int = 0        # 0: 2 x batch_size
@@ -112,6 +100,15 @@ class Stage:
     lr_schedule: str = "constant"   # "cosine": lr decays to 0 over max_epochs (per step); see lr_at
     on_divergence: str = "stop"
     acceptance: Acceptance | None = None
+    label_smoothing: float = 0.0    # cross-entropy against (1 - e) one-hot + e / K (training loss only)
+    warmup_epochs: int = 0          # lr rises linearly from lr / steps to lr over these epochs; see lr_at
+    ema: float = 0.0                # decay of an exponential moving average of the weights; 0: off
+    tta: str = ""                   # the TTA the stage's model files record; "" = matched_tta(augment)
+
+    @property
+    def model_tta(self) -> str:
+        """What the stage's model files record as their TTA (``info["tta"]``)."""
+        return self.tta or matched_tta(self.augment)
 
 
 @dataclass(frozen=True)
@@ -148,10 +145,11 @@ TOP_KEYS = ("name", "description", "labels", "paper_jpeg", "limit_train", "limit
             "stage")
 STAGE_KEYS = ("name", "model", "from", "pretrained", "model_args", "trainable", "optimizer",
               "batch_size", "augment", "patience", "max_epochs", "monitor", "seed", "eval_batch_size",
-              "loss_explosion", "clip_grad_norm", "lr_schedule", "on_divergence", "acceptance")
+              "loss_explosion", "clip_grad_norm", "lr_schedule", "on_divergence", "acceptance",
+              "label_smoothing", "warmup_epochs", "ema", "tta")
 OPTIMIZER_KEYS_BY_TYPE = {"adam": ("type", "lr", "betas", "eps", "weight_decay"),
                           "sgd": ("type", "lr", "momentum", "nesterov", "weight_decay")}
-AUGMENT_KEYS = ("rotation", "shift", "zoom", "flip")
+AUGMENT_KEYS = ("rotation", "shift", "zoom", "flip", "crop", "erase")
 ACCEPTANCE_KEYS = ("margin", "on_reject")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -223,15 +221,35 @@ def _parse_optimizer(table: dict[str, Any], where: str) -> OptimizerSettings:
                              weight_decay=_number(table, "weight_decay", where, 0.0, minimum=0))
 
 
-def _parse_augment(table: dict[str, Any] | None, where: str) -> AugmentSettings:
+def _parse_augment(table: dict[str, Any] | None, where: str) -> AugmentConfig:
     if table is None:
-        return AugmentSettings()
+        return AugmentConfig()
     _unknown_keys(table, AUGMENT_KEYS, where)
     zoom = _number(table, "zoom", where, 0.0, minimum=0)
     _check(zoom < 1, f"{where}.zoom", zoom, "a number in [0, 1)")
-    return AugmentSettings(rotation=_number(table, "rotation", where, 0.0, minimum=0),
-                           shift=_number(table, "shift", where, 0.0, minimum=0),
-                           zoom=zoom, flip=_bool(table, "flip", where, False))
+    crop = _number(table, "crop", where, 0, integer=True, minimum=0)
+    _check(crop <= 48, f"{where}.crop", crop, "0 (no crop) or the crop's side in px of the 48-px face, 1..48")
+    erase = _number(table, "erase", where, 0.0, minimum=0)
+    _check(erase <= 1, f"{where}.erase", erase, "a probability in [0, 1]")
+    return AugmentConfig(rotation=_number(table, "rotation", where, 0.0, minimum=0),
+                         shift=_number(table, "shift", where, 0.0, minimum=0),
+                         zoom=zoom, flip=_bool(table, "flip", where, False), crop=crop, erase=erase)
+
+
+def matched_tta(augment: AugmentConfig) -> str:
+    """The TTA view set that matches a stage's augmentation (``lhcnet.tta``): ten-crop after
+    random crops, flip after flips, else the single view."""
+    return "ten-crop" if augment.crop else "flip" if augment.flip else "none"
+
+
+def _parse_tta(raw: dict[str, Any], where: str, augment: AugmentConfig) -> str:
+    from ..tta import VIEW_SETS
+
+    tta = raw.get("tta", matched_tta(augment))
+    _check(tta in VIEW_SETS, f"{where}.tta", tta, "one of " + ", ".join(map(repr, VIEW_SETS)))
+    _check(tta != "ten-crop" or augment.crop > 0, f"{where}.tta", tta,
+           "a view set without crops: ten-crop needs augment.crop")
+    return tta
 
 
 def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models: list[str]) -> Stage:
@@ -278,15 +296,22 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
         if start == "fresh":
             raise RecipeError(f"{where}.acceptance needs a stage with 'from' (it compares with the "
                               "model the stage starts from)")
+    augment = _parse_augment(_table(raw, "augment", where), f"{where}.augment")
+    max_epochs = _number(raw, "max_epochs", where, integer=True, positive=True)
+    warmup_epochs = _number(raw, "warmup_epochs", where, 0, integer=True, minimum=0)
+    label_smoothing = _number(raw, "label_smoothing", where, 0.0, minimum=0)
+    _check(label_smoothing < 1, f"{where}.label_smoothing", label_smoothing, "a number in [0, 1)")
+    ema = _number(raw, "ema", where, 0.0, minimum=0)
+    _check(ema < 1, f"{where}.ema", ema, "0 (off) or a decay in (0, 1), e.g. 0.999")
     return Stage(
         name=name, model=model, start=start, pretrained=pretrained, init_file=init_file,
         model_args=dict(model_args),
         trainable=_choice(raw, "trainable", where, TRAINABLE, "all"),
         optimizer=_parse_optimizer(optimizer, f"{where}.optimizer"),
         batch_size=_number(raw, "batch_size", where, integer=True, positive=True),
-        augment=_parse_augment(_table(raw, "augment", where), f"{where}.augment"),
+        augment=augment,
         patience=_number(raw, "patience", where, integer=True, positive=True),
-        max_epochs=_number(raw, "max_epochs", where, integer=True, positive=True),
+        max_epochs=max_epochs,
         monitor=_choice(raw, "monitor", where, MONITORS, "val_acc"),
         seed=_number(raw, "seed", where, 0, integer=True, minimum=0),
         eval_batch_size=_number(raw, "eval_batch_size", where, 0, integer=True, minimum=0),
@@ -294,7 +319,8 @@ def _parse_stage(raw: dict[str, Any], index: int, previous: Stage | None, models
         clip_grad_norm=_number(raw, "clip_grad_norm", where, 0.0, minimum=0),
         lr_schedule=_choice(raw, "lr_schedule", where, LR_SCHEDULES, "constant"),
         on_divergence=_choice(raw, "on_divergence", where, ON_STOP, "stop"),
-        acceptance=acceptance,
+        acceptance=acceptance, label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, ema=ema,
+        tta=_parse_tta(raw, where, augment),
     )
 
 
@@ -401,7 +427,11 @@ def recipe_to_toml(recipe: Recipe) -> str:
                   f"loss_explosion = {_toml_value(stage.loss_explosion)}",
                   f"clip_grad_norm = {_toml_value(stage.clip_grad_norm)}",
                   f"lr_schedule = {_toml_value(stage.lr_schedule)}",
-                  f"on_divergence = {_toml_value(stage.on_divergence)}"]
+                  f"on_divergence = {_toml_value(stage.on_divergence)}",
+                  f"label_smoothing = {_toml_value(stage.label_smoothing)}",
+                  f"warmup_epochs = {stage.warmup_epochs}",
+                  f"ema = {_toml_value(stage.ema)}",
+                  f"tta = {_toml_value(stage.tta)}"]
         if stage.acceptance is not None:
             lines.append(f"acceptance = {_toml_value(dataclasses.asdict(stage.acceptance))}")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,8 @@ from .state import Progress
 
 __all__ = ["METRIC_COLUMNS", "TIMING_COLUMNS", "RunLog", "open_run_dir", "write_summary"]
 
-METRIC_COLUMNS = ("stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "improved")
+METRIC_COLUMNS = ("stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "improved",
+                  "ema_val_loss", "ema_val_acc")  # the EMA columns stay empty without stage key ``ema``
 TIMING_COLUMNS = ("seconds", "images_per_s")  # the only columns that differ between identical runs
 
 

@@ -14,17 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import AugmentConfig, BatchLoader, FaceDataset
+from ..data import BatchLoader, FaceDataset
 from ..models import LHCNetModel, create_model, freeze_except_gates, save_model
 from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
 from .distributed import Distributed
+from .ema import WeightEMA
 from .recipe import OptimizerSettings, Recipe, Stage
 from .run_dir import RunLog
 from .state import EarlyStopping, Progress, StopRequest
 
 __all__ = ["TrainOptions", "Run", "StageSetup", "setup_stage", "build_model", "set_trainable",
-           "make_optimizer", "lr_at", "make_loader", "start_weights", "derive_seed"]
+           "make_optimizer", "lr_at", "make_loader", "start_weights", "derive_seed", "model_info"]
 
 
 @dataclass
@@ -78,6 +79,10 @@ class Run:
     def best_path(self, stage: Stage) -> Path:
         return self.out_dir / f"{stage.name}-best.safetensors"
 
+    def ema_path(self, stage: Stage) -> Path:
+        """The best epoch of the stage's moving average of the weights (stage key ``ema``)."""
+        return self.out_dir / f"{stage.name}-ema.safetensors"
+
     def save(self, progress: Progress, setup: StageSetup | None = None) -> None:
         """Checkpoint (every process calls this: the RNG states are gathered to the main one)."""
         rng = self.dist.all_gather_object(rng_state(self.dist.device))
@@ -86,7 +91,9 @@ class Run:
                 "progress": dataclasses.asdict(progress), "rng": rng,
                 "model": None if setup is None else setup.model.state_dict(),
                 "optimizer": None if setup is None else setup.optimizer.state_dict(),
-                "early_stopping": None if setup is None else setup.early_stopping.state_dict()})
+                "early_stopping": None if setup is None else setup.early_stopping.state_dict(),
+                "ema": None if setup is None or setup.ema is None else setup.ema.state_dict(),
+                "ema_stopping": None if setup is None or setup.ema is None else setup.ema_stopping.state_dict()})
         self.dist.barrier()
 
     def save_model_file(self, model: nn.Module, path: Path, info: dict[str, Any]) -> None:
@@ -110,6 +117,8 @@ class StageSetup:
     train_eval_loader: BatchLoader | None  # acceptance rule: the training images, unaugmented
     early_stopping: EarlyStopping
     start_from: Path | None       # the model file the stage starts from (None: fresh)
+    ema: WeightEMA | None = None  # stage key ``ema``: the moving average of the weights ...
+    ema_stopping: EarlyStopping | None = None  # ... and its best epoch (``<stage>-ema.safetensors``)
 
 
 def setup_stage(run: Run, index: int, checkpoint: dict[str, Any] | None) -> StageSetup:
@@ -126,9 +135,14 @@ def setup_stage(run: Run, index: int, checkpoint: dict[str, Any] | None) -> Stag
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(stage.optimizer, params)
     early_stopping = EarlyStopping(stage.monitor, stage.patience)
+    ema = WeightEMA(model, stage.ema) if stage.ema else None
+    ema_stopping = EarlyStopping(stage.monitor, stage.max_epochs + 1) if stage.ema else None  # never stops
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         early_stopping.load_state_dict(checkpoint["early_stopping"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+            ema_stopping.load_state_dict(checkpoint["ema_stopping"])
     train_model: nn.Module = model
     if run.dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -147,7 +161,13 @@ def setup_stage(run: Run, index: int, checkpoint: dict[str, Any] | None) -> Stag
         train_eval_loader = make_loader(train_images, train_targets, batch_size=eval_batch, size=size,
                                         train=False, stage=stage, dist=run.dist)
     return StageSetup(stage, index, model, train_model, params, optimizer, loader, val_loader,
-                      train_eval_loader, early_stopping, start_from)
+                      train_eval_loader, early_stopping, start_from, ema, ema_stopping)
+
+
+def model_info(stage: Stage) -> dict[str, Any]:
+    """What the stage's model files record for evaluation (``lhcnet.tta``): the training crop
+    (px of the 48-px face, 0: none) and the TTA matched to the stage's augmentation."""
+    return {"crop": stage.augment.crop, "tta": stage.model_tta}
 
 
 def targets(split: FaceDataset) -> np.ndarray:
@@ -232,11 +252,17 @@ def lr_at(stage: Stage, epoch: int, step: int, steps_per_epoch: int) -> float:
     ``constant`` (the paper's stages): the optimiser's lr throughout. ``cosine``: half a cosine from
     the optimiser's lr to 0 over ``max_epochs`` x ``steps_per_epoch`` steps, computed from the position
     alone, so a resumed run continues on the same curve (not in the paper: our CPU recipes' choice).
+    ``warmup_epochs`` W > 0 (not in the paper): the first ``n_w = W x steps_per_epoch`` steps rise
+    linearly, lr x (t + 1) / n_w at global step t, then the schedule runs over the remaining steps
+    (the cosine from lr at step n_w to 0 at the end). W >= max_epochs: warm-up only.
     """
     base = stage.optimizer.lr
+    t, warmup = epoch * steps_per_epoch + step, stage.warmup_epochs * steps_per_epoch
+    if t < warmup:
+        return base * (t + 1) / warmup
     if stage.lr_schedule == "constant":
         return base
-    progress = (epoch * steps_per_epoch + step) / (stage.max_epochs * steps_per_epoch)
+    progress = (t - warmup) / (stage.max_epochs * steps_per_epoch - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -251,12 +277,11 @@ def make_loader(images: np.ndarray, targets: np.ndarray, *, batch_size: int, siz
     if not train:  # evaluation: every process takes every world_size-th image, no padding
         shard = slice(dist.rank, None, dist.world_size)
         labels = {k: v[shard] for k, v in labels.items()}
-        return BatchLoader(images[shard], **labels, batch_size=batch_size, size=size, device=dist.device)
+        return BatchLoader(images[shard], **labels, batch_size=batch_size, size=size, device=dist.device,
+                           crop=stage.augment.crop)  # a model trained on crops: its centre crop
     if batch_size % dist.world_size:
         raise ValueError(f"stage {stage.name!r}: batch_size {batch_size} is not divisible by the "
                          f"{dist.world_size} processes")
-    aug = stage.augment
-    augment = AugmentConfig(aug.rotation, aug.shift, aug.zoom, aug.flip) if aug.enabled else None
     return BatchLoader(images, **labels, batch_size=batch_size // dist.world_size, size=size, shuffle=True,
-                       augment=augment, seed=stage.seed, device=dist.device, drop_last=False, rank=dist.rank,
+                       augment=stage.augment, seed=stage.seed, device=dist.device, drop_last=False, rank=dist.rank,
                        world_size=dist.world_size)

@@ -37,7 +37,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .distributed import Distributed, setup_distributed
 from .recipe import Recipe, Stage
 from .run_dir import METRIC_COLUMNS, TIMING_COLUMNS, RunLog, open_run_dir, write_summary
-from .setup import Run, StageSetup, TrainOptions, derive_seed, lr_at, model_args, setup_stage
+from .setup import Run, StageSetup, TrainOptions, derive_seed, lr_at, model_args, model_info, setup_stage
 from .state import Diverged, Interrupted, Progress, StopRequest
 
 __all__ = ["TrainOptions", "TrainResult", "train", "METRIC_COLUMNS", "TIMING_COLUMNS", "EXIT_CODES"]
@@ -156,7 +156,10 @@ def train_stage(run: Run, index: int, progress: Progress, checkpoint: dict[str, 
                 raise Diverged(f"validation {stage.monitor} is {metrics[stage.monitor]} after epoch {epoch + 1}")
             improved = stopper.update(metrics, epoch + 1, s.model)
             if improved:
-                run.save_model_file(s.model, run.best_path(stage), {"stage": stage.name, "epoch": epoch + 1, **metrics})
+                run.save_model_file(s.model, run.best_path(stage), {"stage": stage.name, "epoch": epoch + 1, **metrics,
+                                                                    **model_info(stage)})
+            if s.ema is not None:
+                metrics = {**metrics, **evaluate_ema(run, s, epoch)}
             row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": progress.loss_sum / progress.seen,
                    "train_acc": progress.correct / progress.seen, **metrics,
                    "lr": s.optimizer.param_groups[0]["lr"], "improved": int(improved),
@@ -196,7 +199,7 @@ def train_epoch(run: Run, s: StageSetup, progress: Progress, epoch: int, started
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
                 logits = s.train_model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = training_loss(logits, y, stage.label_smoothing)
             # one all-reduce per step: batch loss/accuracy and every process's stop request agree
             stats = dist.all_reduce_sum(torch.stack([
                 loss.detach().double() * len(x), count_correct(logits.detach(), y).double(),
@@ -212,6 +215,8 @@ def train_epoch(run: Run, s: StageSetup, progress: Progress, epoch: int, started
             if stage.clip_grad_norm:  # gradients are already all-reduced: every process clips alike
                 torch.nn.utils.clip_grad_norm_(s.model.parameters(), stage.clip_grad_norm)
             s.optimizer.step()
+            if s.ema is not None:
+                s.ema.update(s.model)
 
             progress.step = step + 1
             progress.loss_sum += batch_loss_sum
@@ -228,6 +233,24 @@ def train_epoch(run: Run, s: StageSetup, progress: Progress, epoch: int, started
             if interrupted:
                 raise Interrupted(f"{run.stop.name}: checkpoint written at stage {stage.name} epoch {epoch + 1} "
                                   f"batch {progress.step}; continue with --resume")
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against int labels or soft targets (B, K); with ``label_smoothing`` e the
+    target is (1 - e) x target + e / K (Szegedy et al. 2016, not in the paper). Validation losses
+    stay the plain cross-entropy."""
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def evaluate_ema(run: Run, s: StageSetup, epoch: int) -> dict[str, float]:
+    """Validate the moving average of the weights; keep its best epoch in ``<stage>-ema.safetensors``."""
+    stage = s.stage
+    loss, acc = evaluate(s.ema.module, s.val_loader, run.dist, run.options.bf16, run.options.channels_last)
+    metrics = {"val_acc": acc, "val_loss": loss}
+    if s.ema_stopping.update(metrics, epoch + 1, s.ema.module):
+        run.save_model_file(s.ema.module, run.ema_path(stage), {"stage": stage.name, "epoch": epoch + 1,
+                                                                **metrics, "ema": stage.ema, **model_info(stage)})
+    return {"ema_val_acc": acc, "ema_val_loss": loss}
 
 
 def check_loss(stage: Stage, progress: Progress, batch_loss: float, num_classes: int, epoch: int, step: int) -> None:
@@ -253,6 +276,10 @@ def finish_stage(run: Run, s: StageSetup, progress: Progress, status: str, reaso
     stopper.restore_best(s.model)
     result.update(best_epoch=stopper.best_epoch, best_val_acc=stopper.best_metrics["val_acc"],
                   best_val_loss=stopper.best_metrics["val_loss"], stop=reason, status=status)
+    if s.ema is not None:
+        result["ema"] = {"decay": stage.ema, "best_epoch": s.ema_stopping.best_epoch,
+                         "best_val_acc": s.ema_stopping.best_metrics["val_acc"],
+                         "best_val_loss": s.ema_stopping.best_metrics["val_loss"], "file": run.ema_path(stage).name}
     message = f"stage {stage.name}: {reason}; best {stage.monitor} {stopper.best:.4f} at epoch " \
               f"{stopper.best_epoch}, kept in {run.best_path(stage)}"
     if status == "finished" and s.train_eval_loader is not None:
@@ -314,14 +341,20 @@ def describe_stage(run: Run, s: StageSetup) -> str:
             f"batch {stage.batch_size}; patience {stage.patience}; at most {stage.max_epochs} epochs"
             + (f"; gradient norm clipped to {stage.clip_grad_norm:g}" if stage.clip_grad_norm else "")
             + (f"; {stage.lr_schedule} lr schedule over {stage.max_epochs} epochs"
-               if stage.lr_schedule != "constant" else ""))
+               if stage.lr_schedule != "constant" else "")
+            + (f"; {stage.warmup_epochs} warm-up epochs" if stage.warmup_epochs else "")
+            + (f"; label smoothing {stage.label_smoothing:g}" if stage.label_smoothing else "")
+            + (f"; EMA of the weights, decay {stage.ema:g}" if stage.ema else "")
+            + f"; model files record TTA {stage.model_tta!r}"
+            + (f" and crop {stage.augment.crop} px" if stage.augment.crop else ""))
 
 
 def describe_epoch(stage: Stage, row: dict[str, Any], wait: int, epochs_done: int) -> str:
     seconds, left_max = row["seconds"], stage.max_epochs - epochs_done
     left_if_flat = min(stage.patience - wait, left_max)
     return (f"{stage.name} epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if row['improved'] else ''} | "
+            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if row['improved'] else ''}"
+            + (f" | EMA val acc {row['ema_val_acc']:.4f}" if "ema_val_acc" in row else "") + " | "
             f"{seconds:.1f} s, {row['images_per_s']:.0f} img/s | stage ends in {left_if_flat} epochs "
             f"(~{format_seconds(left_if_flat * seconds)}) without improvement, at most "
             f"{left_max} (~{format_seconds(left_max * seconds)})")
@@ -341,7 +374,7 @@ def _finish(run: Run, progress: Progress, status: str, message: str) -> TrainRes
             model = _load_best(run, run.recipe.stages[-1])
             save_model(model, final, extra={"classes": run.classes, "recipe": run.recipe.name,
                                             "val_acc": last["best_val_acc"], "val_loss": last["best_val_loss"],
-                                            "stages": progress.results})
+                                            "stages": progress.results, **model_info(run.recipe.stages[-1])})
     if run.dist.is_main:
         write_summary(run.out_dir, {"status": status, "message": message, "recipe": run.recipe.name,
                                     "stages": progress.results, "final": None if final is None else final.name})
