@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import ipaddress
 import json
 import os
 import socket
@@ -24,6 +23,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+
+from lhcnet.cli.serve import is_loopback
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
 BOUNDARY = "lhcnet-load-test"
@@ -103,7 +104,7 @@ def main() -> None:
     process = None
     if args.url:
         host = urllib.parse.urlsplit(args.url).hostname or ""
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        if not is_loopback(host):
             sys.exit(f"--url must be on this computer (127.0.0.1, ::1 or localhost), got {host}")
         url = args.url.rstrip("/")
     else:

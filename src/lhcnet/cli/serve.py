@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "every network interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model", help="model file (.safetensors or .onnx); default: the bundled model")
-    p.add_argument("--detector", help="face detector name passed to Predictor (default: its default)")
+    p.add_argument("--detector", help="face detector name for Predictor, e.g. yunet, haar, none "
+                                      "(default: the Predictor's default)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="PyTorch or ONNX Runtime (pip install 'lhcnet[onnx]')")
