@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_models as tm
+from lhcnet.evaluate import predict_probabilities
 from lhcnet.models import load_model
 from lhcnet.train import METRIC_COLUMNS, TIMING_COLUMNS, TrainOptions, load_recipe, train
 from lhcnet.train.checkpoint import load_checkpoint
@@ -69,14 +70,19 @@ def test_two_stage_recipe_learns_separable_data(two_stage) -> None:
     assert [r[0] for r in rows] == ["backbone"] * 6 + ["lhc"] * 6
     assert [int(r[1]) for r in rows] == [1, 2, 3, 4, 5, 6] * 2
     val_acc = [float(r[5]) for r in rows]
-    assert max(val_acc) >= 0.5 > 3 * CHANCE - 0.1  # chance is 1/7
+    assert max(val_acc) >= 3 * CHANCE  # learned: chance is 1/7
     assert float(rows[-1][2]) < float(rows[0][2])  # training loss went down
     assert {float(r[6]) for r in rows[:6]} == {3e-3} and {float(r[6]) for r in rows[6:]} == {0.01}
 
     # the best epoch of each stage is kept; the final model is the last stage's best
     for stage in result.stages:
-        assert stage["best_val_acc"] == max(val_acc[:6] if stage["stage"] == "backbone" else val_acc[6:])
+        assert stage["best_val_acc"] == pytest.approx(max(val_acc[:6] if stage["stage"] == "backbone"
+                                                          else val_acc[6:]), rel=1e-7)  # the CSV has 8 digits
     final = load_model(result.final)
+    # an independent path (lhcnet.evaluate, not the trainer's loop) scores the final model as recorded
+    val = tm.synthetic_faces().split("PublicTest")
+    probs = predict_probabilities(final, torch.from_numpy(val.images.copy()))
+    assert (probs.argmax(1).numpy() == val.labels).mean() == pytest.approx(result.stages[-1]["best_val_acc"], abs=1e-9)
     info = final.lhcnet_metadata["info"]
     assert final.lhcnet_metadata["name"] == "lhcnet_tiny"
     assert info["recipe"] == "tiny-two-stage" and len(info["classes"]) == 7

@@ -82,7 +82,8 @@ def test_stage4_experiment_recipes_differ_only_in_the_lhc_blocks() -> None:
     main_stage4 = load_recipe(RECIPES / "fer2013_compact.toml").stages[3]
     assert len(with_lhc) == len(plain) == 1
     assert (with_lhc[0].model, plain[0].model) == ("lhcnet_resnet18v2_48", "resnet18v2_48")
-    assert with_lhc[0].init_file == plain[0].init_file == "runs/compact/stage3-best.safetensors"
+    # paths in a recipe are relative to its folder: recipes/../runs/... is the repository's runs/
+    assert with_lhc[0].init_file == plain[0].init_file == str(RECIPES.parent / "runs/compact/stage3-best.safetensors")
     same = ("optimizer", "batch_size", "patience", "max_epochs", "augment", "clip_grad_norm", "acceptance")
     for key in same:
         assert getattr(with_lhc[0], key) == getattr(plain[0], key) == getattr(main_stage4, key), key

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from .data import to_model_input
 from .tta import View, input_crop, model_views, recorded_tta, total_weight, tta_predict
 
 __all__ = ["Metrics", "ModelResult", "EvaluationReport", "confusion_matrix",
-           "expected_calibration_error", "compute_metrics", "predict_probabilities",
+           "expected_calibration_error", "compute_metrics", "predict_probabilities", "model_outputs",
            "describe_tta", "evaluate_models", "format_report", "plot_confusion", "write_report"]
 
 ECE_BINS = 15
@@ -152,17 +152,38 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, batch_size:
     model = model.to(device, memory_format=torch.channels_last).eval()
     size = int(getattr(model, "input_size", 224))
     step = batch_size if not views else max(1, batch_size // len(views))
-    out = []
-    for start in range(0, len(images), step):
-        x = to_model_input(images[start:start + step].to(device), size)
-        if views:
-            probs = tta_predict(model, x, views)  # lays its views out channels-last itself
-        else:
-            probs = torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), dim=1)
-        out.append(probs.float().cpu())
+    batches = ((to_model_input(images[start:start + step].to(device), size), None)
+               for start in range(0, len(images), step))
+    if views:  # tta_predict lays its views out channels-last itself
+        outputs = model_outputs(model, batches, lambda x: tta_predict(model, x, views), channels_last=False)
+    else:
+        outputs = model_outputs(model, batches, lambda x: torch.softmax(model(x).float(), dim=1))
+    out = [probs.float().cpu() for probs, _ in outputs]
     if not out:
         raise ValueError("no images to evaluate")
     return torch.cat(out)
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Any]],
+                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None, *, bf16: bool = False,
+                  channels_last: bool = True) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The one evaluation loop (evaluation, prediction of a split, the trainer's validation and
+    acceptance rule): ``model`` in eval mode, without gradients, over model-ready batches ``(x, y)``;
+    yields ``(forward(x), y)`` (``forward`` defaults to the model's logits), with ``x`` channels-last
+    and under bfloat16 autocast if asked. The model's train/eval mode is restored afterwards."""
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = forward(x)
+            yield out, y
+    finally:
+        model.train(was_training)
 
 
 def describe_tta(model: nn.Module, tta: bool | str | int | None) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from ..seeds import derive_seed
 from .augment import AugmentConfig, augment
 from .crop import centre_crop
 from .dataset import FaceDataset
@@ -28,11 +29,6 @@ from .placement import place_images
 from .preprocess import grey_to_rgb, resize
 
 __all__ = ["BatchLoader"]
-
-
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from small integers (so epoch 1 of seed 0 != epoch 0 of seed 1)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class BatchLoader:
@@ -99,7 +95,7 @@ class BatchLoader:
         """This rank's image indices for the current epoch, in batch order (on the CPU)."""
         n = len(self.images)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
         else:
             order = torch.arange(n)
         total = self.num_samples * self.world_size
@@ -110,7 +106,7 @@ class BatchLoader:
     def generator(self) -> torch.Generator:
         """A fresh augmentation generator for the current (seed, epoch, rank), on the device."""
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(_seed(self.seed, self.epoch, self.rank, 1))
+        generator.manual_seed(derive_seed(self.seed, self.epoch, self.rank, 1))
         return generator
 
     def __iter__(self):

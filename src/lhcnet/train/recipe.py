@@ -132,6 +132,8 @@ class Recipe:
             _check(max_epochs >= 1, "--max-epochs", max_epochs, "a positive integer")
             stages = tuple(dataclasses.replace(s, max_epochs=max_epochs) for s in stages)
         recipe = dataclasses.replace(self, stages=stages)
+        for flag, value in (("--limit-train", limit_train), ("--limit-val", limit_val)):
+            _check(value is None or value >= 0, flag, value, "0 (all images) or a positive number of images")
         if limit_train is not None:
             recipe = dataclasses.replace(recipe, limit_train=limit_train)
         if limit_val is not None:
@@ -364,9 +366,22 @@ def load_recipe(path: str | Path) -> Recipe:
         raise FileNotFoundError(f"recipe file not found: {path}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); expected a TOML recipe") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML ({exc})") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    return dataclasses.replace(recipe, stages=tuple(_relative_to(stage, path.parent) for stage in recipe.stages))
+
+
+def _relative_to(stage: Stage, folder: Path) -> Stage:
+    """The stage with its model file paths (``from``, ``pretrained``) resolved against the recipe's
+    folder, as absolute paths (so config.toml, in the run folder, names the same files)."""
+    def resolve(value: str | None) -> str | None:
+        if value is None or value == "imagenet" or Path(value).expanduser().is_absolute():
+            return value
+        return str((folder / value).resolve())
+    return dataclasses.replace(stage, init_file=resolve(stage.init_file), pretrained=resolve(stage.pretrained))
 
 
 # ------------------------------------------------------------------------------------ writing

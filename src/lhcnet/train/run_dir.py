@@ -1,27 +1,135 @@
 """The run folder: ``config.toml`` (the resolved recipe), ``train.log``, ``metrics.csv``,
-TensorBoard, ``training-curves.png`` and ``summary.json``. Only the main process writes here.
+TensorBoard, ``training-curves.png`` and ``summary.json``; ``.lock`` while a process trains in
+it. Only the main process writes here.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import io
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_write_text
+from ..data import FaceDataset
+from ..files import TEMP_PATTERN, atomic_write_text
 from .checkpoint import CHECKPOINT_NAME
-from .recipe import Recipe, parse_recipe, recipe_to_toml, tomllib
+from .recipe import Recipe, load_recipe, recipe_to_toml
 from .state import Progress
 
-__all__ = ["METRIC_COLUMNS", "TIMING_COLUMNS", "RunLog", "open_run_dir", "write_summary"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock
+    fcntl = None
+
+__all__ = ["METRIC_COLUMNS", "TIMING_COLUMNS", "RunLock", "RunLog", "open_run_dir", "write_summary",
+           "remove_temp_files", "check_resumable", "data_fingerprint", "config_fingerprint",
+           "fingerprint_differences"]
 
 METRIC_COLUMNS = ("stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "improved",
                   "ema_val_loss", "ema_val_acc")  # the EMA columns stay empty without stage key ``ema``
 TIMING_COLUMNS = ("seconds", "images_per_s")  # the only columns that differ between identical runs
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``RUN/.lock``, ``flock``): a second process training in
+    the same folder stops at once with "in use by PID n". The kernel drops the lock when its
+    process ends, however it ends, so a killed run leaves no stale lock behind."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+        self.file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            pid = file.read().strip() or "unknown"
+            file.close()
+            raise ValueError(f"{self.path.parent} is in use by PID {pid} (another lhcnet train or distill); "
+                             "wait for it to end, or choose another --out") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def remove_temp_files(out_dir: Path) -> tuple[int, int]:
+    """Delete the temp files of writes a killed process left behind (under the lock, nobody else
+    writes here); returns (count, bytes)."""
+    count = size = 0
+    for tmp in out_dir.glob(TEMP_PATTERN):
+        if tmp.is_file():
+            size += tmp.stat().st_size
+            tmp.unlink()
+            count += 1
+    return count, size
+
+
+def check_resumable(out_dir: Path) -> None:
+    """``--resume`` without ``checkpoint.pt``: fine if the run was killed before its first
+    checkpoint; refused when the run had got further (metrics rows, best weights, a summary),
+    since starting again would overwrite them."""
+    if (out_dir / CHECKPOINT_NAME).exists():
+        return
+    found = [p.name for p in sorted(out_dir.glob("*-best.safetensors"))]
+    found += [name for name in ("final.safetensors", "summary.json") if (out_dir / name).exists()]
+    metrics = out_dir / "metrics.csv"
+    if metrics.is_file() and len(metrics.read_bytes().splitlines()) > 1:
+        found.append("metrics.csv")
+    if found:
+        raise FileNotFoundError(f"--resume: {out_dir / CHECKPOINT_NAME} is missing, but the run got further "
+                                f"({', '.join(found)}); restore the checkpoint, or start a new run with "
+                                "another --out (starting again here would overwrite them)")
+
+
+def data_fingerprint(*splits: FaceDataset) -> str:
+    """SHA-256 of what is trained and validated on: images, targets (soft labels if any), classes."""
+    digest = hashlib.sha256()
+    for split in splits:
+        targets = split.soft_labels if split.soft_labels is not None else split.labels
+        for array in (split.images, targets):
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        digest.update(repr(tuple(split.classes)).encode())
+    return digest.hexdigest()
+
+
+def config_fingerprint(out_dir: Path) -> str:
+    return hashlib.sha256((out_dir / "config.toml").read_bytes()).hexdigest()
+
+
+def fingerprint_differences(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint a run started with and the current one, in words."""
+    differences = []
+    if started.get("data") != now["data"]:
+        differences.append("the data (training/validation images or labels; another --data or --limit-*?)")
+    if started.get("config") != now["config"]:
+        differences.append("config.toml (edited since the run started)")
+    for key, value in now["options"].items():
+        was = started.get("options", {}).get(key)
+        if was != value:
+            differences.append(f"{key} (was {was}, now {value})")
+    return differences
 
 
 def open_run_dir(out_dir: Path, recipe: Recipe, resume: bool) -> Recipe:
@@ -30,7 +138,7 @@ def open_run_dir(out_dir: Path, recipe: Recipe, resume: bool) -> Recipe:
     if resume:
         if not config.exists():
             raise FileNotFoundError(f"--resume: {out_dir} holds no run (no config.toml)")
-        started = parse_recipe(tomllib.loads(config.read_text(encoding="utf-8")), str(config))
+        started = load_recipe(config)
         if recipe_to_toml(dataclasses.replace(started, source="")) != recipe_to_toml(
                 dataclasses.replace(recipe, source="")):
             ours, theirs = recipe_to_toml(recipe).splitlines(), recipe_to_toml(started).splitlines()
@@ -86,18 +194,38 @@ class RunLog:
             self.writer.flush()
 
     def keep_metrics_until(self, stage_names: list[str], progress: Progress) -> None:
-        """On resume: drop rows written after the checkpoint (killed between row and checkpoint)."""
+        """On resume: drop the rows written after the checkpoint (killed between a row and the
+        checkpoint), and a last line cut short (killed while appending it: also after the
+        checkpoint). Anything else wrong with the file is an error naming the line: the rows
+        before the checkpoint are the only record of those epochs, so nothing is "repaired"."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        with open(self.metrics_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        path, columns = self.metrics_path, METRIC_COLUMNS + TIMING_COLUMNS
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); the file is damaged") from None
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines = lines[:-1]  # the row being appended when the process was killed
+        rows = list(csv.reader(io.StringIO("".join(lines))))
+        damaged = "The file is damaged: fix it, or move it away (it holds the metrics of the finished epochs)"
+        if not rows or tuple(rows[0]) != columns:
+            raise ValueError(f"{path}: line 1: expected the header {','.join(columns)}, got "
+                             f"{','.join(rows[0]) if rows else 'nothing'!r}. {damaged}")
         order = {name: i for i, name in enumerate(stage_names)}
-        keep = [r for r in rows if order[r["stage"]] < progress.stage
-                or (order[r["stage"]] == progress.stage and int(r["epoch"]) <= progress.epoch)]
-        with open(self.metrics_path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS + TIMING_COLUMNS)
-            writer.writeheader()
-            writer.writerows(keep)
+        keep = []
+        for line, row in enumerate(rows[1:], start=2):
+            if len(row) != len(columns) or row[0] not in order or not row[1].isdigit():
+                raise ValueError(f"{path}: line {line}: expected {len(columns)} fields starting with a stage "
+                                 f"of the recipe and an epoch number, got {','.join(row)[:80]!r}. {damaged}")
+            stage, epoch = order[row[0]], int(row[1])
+            if stage < progress.stage or (stage == progress.stage and epoch <= progress.epoch):
+                keep.append(row)
+        if len(keep) + 1 != len(rows) or len(lines) != len(text.splitlines(keepends=True)):
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\r\n").writerows([columns, *keep])
+            atomic_write_text(path, buffer.getvalue())
 
     def plot(self) -> None:
         if self.enabled and self.metrics_path.exists():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data import BatchLoader, FaceDataset
+from ..seeds import derive_seed
 from ..models import LHCNetModel, create_model, freeze_except_gates, save_model
 from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint
@@ -25,7 +26,7 @@ from .run_dir import RunLog
 from .state import EarlyStopping, Progress, StopRequest
 
 __all__ = ["TrainOptions", "Run", "StageSetup", "setup_stage", "build_model", "set_trainable",
-           "make_optimizer", "lr_at", "make_loader", "start_weights", "derive_seed", "model_info"]
+           "make_optimizer", "lr_at", "make_loader", "start_weights", "model_info"]
 
 
 @dataclass
@@ -39,15 +40,10 @@ class TrainOptions:
     compile: bool = False          # torch.compile the training model
     deterministic: bool = False    # torch.use_deterministic_algorithms (needed for CUDA repeatability)
     checkpoint_every: int = 0      # also checkpoint every N batches (0: epoch ends and signals only)
+    force: bool = False            # resume although the data, numeric options or config.toml changed
     progress: bool = True          # tqdm bar per epoch
     tensorboard: bool = False      # also log to out_dir/tensorboard (needs lhcnet[tensorboard])
     plot_every_s: float = 60.0     # redraw training-curves.png at most this often during a stage
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (stable across runs and machines)."""
-    import hashlib
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 @dataclass
@@ -63,6 +59,7 @@ class Run:
     train_set: FaceDataset        # the Training split (``limit_train`` applied)
     val_set: FaceDataset          # the PublicTest split (``limit_val`` applied)
     classes: list[str]
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # data, numeric options, config.toml
     jpeg_images: dict[int, np.ndarray] = field(default_factory=dict)
 
     def training_images(self, size: int) -> np.ndarray:
@@ -88,7 +85,7 @@ class Run:
         rng = self.dist.all_gather_object(rng_state(self.dist.device))
         if self.dist.is_main:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, {
-                "progress": dataclasses.asdict(progress), "rng": rng,
+                "progress": dataclasses.asdict(progress), "rng": rng, "fingerprint": self.fingerprint,
                 "model": None if setup is None else setup.model.state_dict(),
                 "optimizer": None if setup is None else setup.optimizer.state_dict(),
                 "early_stopping": None if setup is None else setup.early_stopping.state_dict(),
@@ -214,7 +211,8 @@ def start_weights(run: Run, index: int) -> Path | None:
     if stage.start == "file":
         path = Path(stage.init_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"stage {stage.name!r}: from = {stage.init_file!r}: no such model file")
+            raise FileNotFoundError(f"stage {stage.name!r}: from = {stage.init_file!r}: no such model file "
+                                    f"(a relative path is taken from the recipe's folder; recipe {run.recipe.source})")
         return path
     if stage.start == "fresh":
         return None

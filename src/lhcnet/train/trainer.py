@@ -19,6 +19,7 @@ writes a checkpoint after the current batch and raises ``Interrupted``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,13 +32,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import BatchLoader, FaceDataset
+from ..evaluate import model_outputs
+from ..seeds import derive_seed
 from ..models import LHCNetModel, create_model, load_model, save_model, set_batchnorm_eval
 from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .distributed import Distributed, setup_distributed
 from .recipe import Recipe, Stage
-from .run_dir import METRIC_COLUMNS, TIMING_COLUMNS, RunLog, open_run_dir, write_summary
-from .setup import Run, StageSetup, TrainOptions, derive_seed, lr_at, model_args, model_info, setup_stage
+from .run_dir import (METRIC_COLUMNS, TIMING_COLUMNS, RunLock, RunLog, check_resumable, config_fingerprint,
+                      data_fingerprint, fingerprint_differences, open_run_dir, remove_temp_files, write_summary)
+from .setup import Run, StageSetup, TrainOptions, lr_at, model_args, model_info, setup_stage
 from .state import Diverged, Interrupted, Progress, StopRequest
 
 __all__ = ["TrainOptions", "TrainResult", "train", "METRIC_COLUMNS", "TIMING_COLUMNS", "EXIT_CODES"]
@@ -77,30 +81,79 @@ def _train(recipe: Recipe, dataset: FaceDataset, out_dir: Path, options: TrainOp
     if options.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    if dist.is_main:
-        recipe = open_run_dir(out_dir, recipe, options.resume)
-    dist.barrier()
+    train_set, val_set = (_first(_split(dataset, name), limit) for name, limit in
+                          (("Training", recipe.limit_train), ("PublicTest", recipe.limit_val)))
+    with RunLock(out_dir) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            recipe = open_run_dir(out_dir, recipe, options.resume)
+        dist.barrier()
+        log = RunLog(out_dir, dist.is_main, options.tensorboard)
+        run = Run(recipe, options, dist, out_dir, log, StopRequest(), train_set, val_set, list(dataset.classes),
+                  fingerprint={"data": data_fingerprint(train_set, val_set), "config": config_fingerprint(out_dir),
+                               "options": {"--bf16": options.bf16, "--channels-last": options.channels_last,
+                                           "--compile": options.compile, "--deterministic": options.deterministic,
+                                           "device": dist.device.type, "processes": dist.world_size}})
+        try:
+            progress, checkpoint = _resume_point(run) if options.resume else (Progress(), None)
+            return _run_stages(run, progress, checkpoint)
+        finally:
+            log.close()
 
-    progress, checkpoint = Progress(), None
-    if options.resume and (out_dir / CHECKPOINT_NAME).exists():  # else: killed before the first one
-        checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
-        progress = Progress(**checkpoint["progress"])
-        if progress.step and len(checkpoint["rng"]) != dist.world_size:
-            raise ValueError(f"--resume: the checkpoint was written mid-epoch by {len(checkpoint['rng'])} "
-                             f"processes; resume it with the same number (not {dist.world_size})")
-    log = RunLog(out_dir, dist.is_main, options.tensorboard)
-    run = Run(recipe, options, dist, out_dir, log, StopRequest(),
-              train_set=_first(dataset.split("Training"), recipe.limit_train),
-              val_set=_first(dataset.split("PublicTest"), recipe.limit_val), classes=list(dataset.classes))
+
+def _split(dataset: FaceDataset, name: str) -> FaceDataset:
+    split = dataset.split(name)
+    if not len(split):
+        raise ValueError(f"{dataset.source or 'the data set'}: no {name} rows; training needs Training rows to "
+                         "learn from and PublicTest rows to validate on (FER2013's Usage column)")
+    return split
+
+
+def _resume_point(run: Run) -> tuple[Progress, dict[str, Any] | None]:
+    """The progress and checkpoint ``--resume`` continues from, after checking it may: the
+    checkpoint matches the recipe, the data and the numeric options (unless ``force``)."""
+    out_dir, recipe, dist = run.out_dir, run.recipe, run.dist
+    if dist.is_main:
+        count, size = remove_temp_files(out_dir)
+        if count:
+            run.log.info(f"removed {count} temp files ({size / 2**20:.1f} MB) left by a killed run")
+    check_resumable(out_dir)
+    if not (out_dir / CHECKPOINT_NAME).exists():  # killed before the first checkpoint: start afresh
+        return Progress(), None
+    checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
     try:
-        log.keep_metrics_until([s.name for s in recipe.stages], progress)
-        if progress.finished:
-            return _finish(run, progress, "finished", "already finished")
-        resuming = (f"; resuming stage {recipe.stages[progress.stage].name!r} after epoch {progress.epoch}"
-                    f" (+{progress.step} batches)") if checkpoint and progress.stage < len(recipe.stages) else ""
-        log.info(f"recipe {recipe.name!r}: {len(recipe.stages)} stages, {len(run.train_set)} training and "
-                 f"{len(run.val_set)} validation images, {len(run.classes)} classes, device {dist.device}"
-                 + (f", {dist.world_size} processes" if dist.enabled else "") + resuming)
+        progress = Progress(**checkpoint["progress"])
+        started = checkpoint["fingerprint"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME}: not a training checkpoint ({exc})") from None
+    stages = len(recipe.stages)
+    if not (0 <= progress.stage <= stages and len(progress.results) == progress.stage
+            and (progress.stage == stages or 0 <= progress.epoch <= recipe.stages[progress.stage].max_epochs)):
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME}: progress (stage {progress.stage + 1}, epoch "
+                         f"{progress.epoch}, {len(progress.results)} stages recorded) does not fit the "
+                         f"{stages}-stage recipe; the checkpoint is damaged or from another run")
+    if progress.step and len(checkpoint["rng"]) != dist.world_size:
+        raise ValueError(f"--resume: the checkpoint was written mid-epoch by {len(checkpoint['rng'])} "
+                         f"processes; resume it with the same number (not {dist.world_size})")
+    differences = fingerprint_differences(started, run.fingerprint)
+    if differences and not run.options.force:
+        raise ValueError(f"--resume: the run in {out_dir} started with other settings: {'; '.join(differences)}. "
+                         "Resume with the same data and options, or add --force to continue anyway")
+    if differences:
+        run.log.info(f"--force: continuing although these differ from the run's start: {'; '.join(differences)}")
+    return progress, checkpoint
+
+
+def _run_stages(run: Run, progress: Progress, checkpoint: dict[str, Any] | None) -> TrainResult:
+    recipe, log, dist = run.recipe, run.log, run.dist
+    log.keep_metrics_until([s.name for s in recipe.stages], progress)
+    if progress.finished:
+        return _finish(run, progress, "finished", "already finished")
+    resuming = (f"; resuming stage {recipe.stages[progress.stage].name!r} after epoch {progress.epoch}"
+                f" (+{progress.step} batches)") if checkpoint and progress.stage < len(recipe.stages) else ""
+    log.info(f"recipe {recipe.name!r}: {len(recipe.stages)} stages, {len(run.train_set)} training and "
+             f"{len(run.val_set)} validation images, {len(run.classes)} classes, device {dist.device}"
+             + (f", {dist.world_size} processes" if dist.enabled else "") + resuming)
+    try:
         with run.stop:
             for index in range(progress.stage, len(recipe.stages)):
                 stage_checkpoint = checkpoint if checkpoint and checkpoint["model"] is not None else None
@@ -121,8 +174,6 @@ def _train(recipe: Recipe, dataset: FaceDataset, out_dir: Path, options: TrainOp
             return _finish(run, progress, "finished", "all stages finished")
     except Interrupted as exc:
         return _finish(run, progress, "interrupted", str(exc))
-    finally:
-        log.close()
 
 
 def _first(split: FaceDataset, limit: int) -> FaceDataset:
@@ -314,20 +365,13 @@ def count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: LHCNetModel, loader: BatchLoader, dist: Distributed, bf16: bool,
              channels_last: bool) -> tuple[float, float]:
-    """(mean loss, accuracy) over a loader's images on all processes; model in eval mode."""
-    was_training = model.training
-    model.eval()
+    """(mean loss, accuracy) over a loader's images on all processes (``lhcnet.evaluate.model_outputs``)."""
     device = dist.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for x, y in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
+    for logits, y in model_outputs(model, loader, bf16=bf16, channels_last=channels_last):
         sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                             count_correct(logits, y).double(), torch.tensor(len(x), dtype=torch.float64, device=device)])
+                             count_correct(logits, y).double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
     dist.all_reduce_sum(sums)
-    model.train(was_training)
     loss_sum, correct, count = sums.tolist()
     return loss_sum / max(count, 1), correct / max(count, 1)
 
