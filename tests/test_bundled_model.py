@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,30 @@ def test_bundled_model_accuracy_on_a_fixed_publictest_subset() -> None:
     data = load_dataset(FER2013_CSV_GZ, cache_dir=False).split(check["split"])
     images = torch.from_numpy(data.images[:check["images"]].copy())
     labels = torch.from_numpy(data.labels[:check["images"]])
-    accuracy = (predict_probabilities(model, images).argmax(1) == labels).double().mean().item()
+    probs = predict_probabilities(model, images)
+    accuracy = (probs.argmax(1) == labels).double().mean().item()
     assert abs(accuracy - check["accuracy"]) <= 0.01
     assert accuracy > 0.6  # far above chance (1/7) and the majority class (25 %)
+    # the same numbers from the preprocessing written out by hand (no lhcnet.data code)
+    torch.testing.assert_close(probs, by_hand(model, data.images[:check["images"]]), rtol=0, atol=1e-4)
+
+
+def by_hand(model: torch.nn.Module, faces: np.ndarray, batch: int = 500) -> torch.Tensor:
+    """Softmax of ``model`` on uint8 48x48 faces, preprocessed as the model card states: the grey
+    value repeated in R, G and B, float 0..255, NCHW, no resizing (the model's input is 48 px)."""
+    assert model.input_size == 48 == faces.shape[1] == faces.shape[2]
+    rgb = np.repeat(faces[:, None, :, :], 3, axis=1).astype(np.float32)  # (N, 3, 48, 48)
+    with torch.no_grad():
+        return torch.cat([torch.softmax(model.eval()(torch.from_numpy(rgb[i:i + batch])), dim=1)
+                          for i in range(0, len(rgb), batch)])
+
+
+def test_bundled_model_preprocessing_matches_an_independent_path() -> None:
+    """``predict_probabilities`` (shared preprocessing, channels-last) equals the hand-written path
+    on random faces; a model file run through a different preprocessing would not."""
+    model = bundled()
+    faces = np.random.default_rng(0).integers(0, 256, (16, 48, 48), dtype=np.uint8)
+    probs = predict_probabilities(model, torch.from_numpy(faces))
+    torch.testing.assert_close(probs, by_hand(model, faces), rtol=0, atol=1e-4)
+    shifted = by_hand(model, np.roll(faces, 1, axis=2))  # one pixel off: clearly different
+    assert (probs - shifted).abs().max() > 1e-3

@@ -10,6 +10,7 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from lhcnet.data import to_model_input
 from lhcnet.evaluate import compute_metrics, evaluate_models, predict_probabilities
 from lhcnet.tta import (REFERENCE_SIZE, View, central_crop_box, make_views, model_views, paper_views,
                         select_views, ten_crop_views, total_weight, tta_predict)
@@ -201,6 +202,25 @@ class PixelModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.T
+
+
+def test_tta_evaluation_of_an_input_dependent_model_is_the_weighted_mean_of_its_views() -> None:
+    """A model that sees every pixel: ``predict_probabilities`` with the 60 views (2 faces per
+    forward, so faces and views are batched together) equals the weighted mean of the plain
+    predictions of each view on its own, and differs from no TTA (the views reach the model)."""
+    model = PixelModel()
+    faces = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    views = paper_views()
+    tta = predict_probabilities(model, faces, batch_size=130, views=views)
+    x = to_model_input(faces, 48)
+    with torch.no_grad():
+        expected = sum(v.weight * torch.softmax(model(make_views(x, [v])), dim=1) for v in views) / 62
+    torch.testing.assert_close(tta, expected, rtol=1e-5, atol=1e-6)
+    plain = predict_probabilities(model, faces)
+    assert (tta - plain).abs().max() > 0.01
+    labels = torch.randint(0, 7, (5,), generator=torch.Generator().manual_seed(7))
+    report = evaluate_models([("m", model)], faces, labels, [str(i) for i in range(7)], tta="paper")
+    assert report.models[0].metrics.confusion == compute_metrics(expected, labels, [str(i) for i in range(7)]).confusion
 
 
 def torchvision_ten_crop(x: torch.Tensor, side: int) -> torch.Tensor:
