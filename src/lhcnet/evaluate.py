@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .data import to_model_input
+from .files import atomic_write_text
 from .tta import View, input_crop, model_views, recorded_tta, total_weight, tta_predict
 
 __all__ = ["Metrics", "ModelResult", "EvaluationReport", "confusion_matrix",
@@ -305,7 +306,7 @@ def write_report(report: EvaluationReport, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
-    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     written = [json_path]
     for row in report.rows:
         label = "ensemble" if row is report.ensemble else _file_label(row.label)

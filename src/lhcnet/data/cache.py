@@ -3,7 +3,8 @@
 An uncompressed ``.npz`` is a zip of ``.npy`` files stored as-is, so the image array can be
 memory-mapped straight out of the zip (NumPy's own ``np.load(mmap_mode=...)`` ignores npz).
 Nothing is pickled: metadata is a JSON document stored as bytes. Writes go to a temporary file
-and are renamed into place, so a reader (or a parallel run) never sees half a cache.
+and are renamed into place (``lhcnet.files.atomic_write``), so a reader (or a parallel run) never
+sees half a cache.
 
 Default location: ``$LHCNET_HOME/data`` or ``~/.cache/lhcnet/data``; the file name carries a
 hash of the source's path, size and modification time, so an edited source is converted again.
@@ -14,13 +15,13 @@ import hashlib
 import json
 import os
 import struct
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write
 from .dataset import BadRecord, FaceDataset
 
 __all__ = ["CACHE_FORMAT", "CACHE_VERSION", "default_cache_dir", "cache_path", "is_cache",
@@ -78,15 +79,7 @@ def save_cache(dataset: FaceDataset, path: str | os.PathLike) -> Path:
     arrays = {name: np.ascontiguousarray(getattr(dataset, name)) for name in _ARRAYS
               if getattr(dataset, name) is not None}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # (not mkstemp: its 0600 mode would ignore the umask)
-            np.savez(f, **arrays)  # uncompressed (ZIP_STORED): memory-mappable
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))  # uncompressed (ZIP_STORED): memory-mappable
 
 
 def load_cache(path: str | os.PathLike, mmap: bool = True) -> FaceDataset:
