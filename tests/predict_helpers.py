@@ -88,11 +88,13 @@ def synthetic_faces(count: int, size: int = 48, seed: int = 0) -> np.ndarray:
     return faces
 
 
-def fer2013_faces(count: int) -> np.ndarray:
-    """The first ``count`` FER2013 faces (uint8 (count, 48, 48)), read straight from the CSV."""
+def fer2013_faces(count: int, skip: int = 0) -> np.ndarray:
+    """``count`` FER2013 faces after the first ``skip`` (uint8 (count, 48, 48)), read from the CSV."""
     faces = []
     with gzip.open(FER2013_CSV_GZ, "rt") as f:
         next(f)  # header: emotion,pixels,Usage
+        for _ in range(skip):
+            next(f)
         for line, _ in zip(f, range(count)):
             faces.append(np.array(line.split(",")[1].split(), dtype=np.uint8).reshape(48, 48))
     return np.stack(faces)
@@ -121,3 +123,42 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
+
+
+# -- synthetic scenes: the example photo's face pasted at known places, sizes and angles -----------
+
+PHOTO_HEAD = (130, 20, 190, 190)  # x, y, w, h of a square around PHOTO_FACE (1.8x its side)
+
+
+def background(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A face-free RGB photo: a smooth colour gradient with sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([90 + 60 * xs / width, 120 + 40 * ys / height, 150 - 50 * xs / width], axis=2)
+    return np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+
+
+def head(side: int, angle: float = 0.0) -> np.ndarray:
+    """The example photo's head, ``side`` px square, turned ``angle`` degrees counter-clockwise."""
+    x, y, w, h = PHOTO_HEAD
+    patch = cv2.resize(photo_rgb()[y:y + h, x:x + w], (side, side), interpolation=cv2.INTER_AREA)
+    turn = cv2.getRotationMatrix2D(((side - 1) / 2, (side - 1) / 2), angle, 1.0)
+    return cv2.warpAffine(patch, turn, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def scene(placements: list[tuple[int, int, int, float]], size: tuple[int, int] = (800, 600),
+          seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """A background with heads pasted at ``(x, y, side, angle)``; and each face's centre."""
+    rgb = background(*size, seed=seed)
+    centres = []
+    fx, fy, fw, fh = PHOTO_FACE
+    hx, hy, hw, _ = PHOTO_HEAD
+    for x, y, side, angle in placements:
+        rgb[y:y + side, x:x + side] = head(side, angle)
+        # the face centre in the patch turns with the patch about the patch centre
+        scale = side / hw
+        offset = np.array([fx + fw / 2 - hx, fy + fh / 2 - hy]) * scale - (side - 1) / 2
+        a = np.radians(angle)
+        turned = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]]) @ offset
+        centres.append((x + (side - 1) / 2 + turned[0], y + (side - 1) / 2 + turned[1]))
+    return rgb, centres

@@ -1,17 +1,20 @@
 """``Predictor``: photos in, every face's box and emotion probabilities out.
 
 A photo goes through the same steps as FER2013's faces went through before training: face boxes
-(OpenCV's Haar cascade, or boxes you give), square padded grey crops resized to 48x48 uint8
-(``lhcnet.faces``), then ``lhcnet.data.to_model_input`` (the one preprocessing of training,
-evaluation and TTA) to the model's input size. All faces of all photos of a call go through the
-model in batches of ``batch_size``, with PyTorch or ONNX Runtime (``backend="onnx"``).
+(YuNet by default, OpenCV's Haar cascade, or boxes you give), square padded grey crops resized to
+48x48 uint8 (``lhcnet.faces``; optionally rotated so the eyes are level), then
+``lhcnet.data.to_model_input`` (the one preprocessing of training, evaluation and TTA) to the
+model's input size. All faces of all photos of a call go through the model in batches of
+``batch_size``, with PyTorch or ONNX Runtime (``backend="onnx"``).
 
-A face is ``{"box": [x, y, w, h], "scores": {emotion: p}, "label": emotion, "label_score": p}``;
-``box`` is the detected (or given) face box in pixels of the upright photo; the probabilities of a
-face sum to 1. A photo without a face gives ``[]``.
+A face is ``{"box": [x, y, w, h], "det_score": p | None, "landmarks": {name: [x, y]} | None,
+"scores": {emotion: p}, "label": emotion, "label_score": p}``; ``box`` and ``landmarks`` are in
+pixels of the upright photo (landmarks and ``det_score`` come from YuNet, None otherwise); the
+probabilities of a face sum to 1. A photo without a face gives ``[]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -26,7 +29,8 @@ from torch import nn
 
 from .data import CLASSES_FER2013, to_model_input
 from .export import OnnxModel, onnx_bytes
-from .faces import FER_PAD, FER_SIZE, HaarDetector, crop_faces, to_grey
+from .faces import (FER_PAD, FER_SIZE, LANDMARK_NAMES, Detections, crop_faces, make_detector,
+                    to_grey)
 from .images import load_image, to_rgb_array
 from .models import load_model
 from .tta import model_views, tta_predict
@@ -37,6 +41,8 @@ __all__ = ["Predictor", "ImageInput", "BUNDLED_MODEL", "bundled_model_path", "mo
 ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
 Box = Sequence[float]
 BUNDLED_MODEL = "weights/default.safetensors"  # inside the installed package
+# Eye-level alignment of crops (with landmarks): off by default, measured in docs/predict.md.
+ALIGN = False
 
 
 def bundled_model_path() -> Path:
@@ -104,8 +110,10 @@ class Predictor:
             ``export_onnx``, which implies ``backend="onnx"``), a model from ``create_model`` /
             ``load_model`` or an ``OnnxModel``, or None for the bundled default model.
         device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available (PyTorch backend).
-        detector: ``"haar"`` (OpenCV's frontal-face cascade), a callable ``grey (H, W) uint8 ->
-            boxes (N, 4) [x, y, w, h]``, or None (every image is one face: already-cropped faces).
+        detector: ``"yunet"`` (``lhcnet.faces.YuNetDetector``: boxes, landmarks, scores),
+            ``"haar"`` (OpenCV's frontal-face cascade), a detector object (``YuNetDetector(...)``,
+            ``HaarDetector(...)``), a callable ``grey (H, W) uint8 -> boxes (N, 4) [x, y, w, h]``,
+            or None / ``"none"`` (every image is one face: already-cropped faces).
         backend: ``"torch"`` or ``"onnx"`` (ONNX Runtime; a PyTorch model is exported in memory).
         batch_size: faces per forward pass.
         pad: crop margin, a fraction of the squared box's side on every side (FER2013's framing).
@@ -113,13 +121,14 @@ class Predictor:
             (the TTA the model file records; the paper's 60 views if none), or a view set for
             ``lhcnet.tta.select_views`` ("ten-crop", "flip", "paper", "zoom", or a count);
             probabilities are the views' weighted mean.
+        align: rotate each crop so the eyes are level (needs landmarks: YuNet) before it is cut.
     """
 
     def __init__(self, model: str | os.PathLike | nn.Module | OnnxModel | None = None,
                  device: str | torch.device | None = None,
-                 detector: str | Callable[[np.ndarray], np.ndarray] | None = "haar",
+                 detector: str | Callable[[np.ndarray], np.ndarray] | None = "yunet",
                  backend: str = "torch", batch_size: int = 64, pad: float = FER_PAD,
-                 tta: bool | str | int | None = None) -> None:
+                 tta: bool | str | int | None = None, align: bool = ALIGN) -> None:
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if batch_size < 1:
@@ -130,12 +139,8 @@ class Predictor:
         self.model, self.backend = _load_model(model, backend, self.device)
         self.input_size = int(self.model.input_size)
         self.classes = model_classes(self.model)
-        if detector == "haar":
-            detector = HaarDetector()
-        elif isinstance(detector, str):
-            raise ValueError(f"unknown detector {detector!r}; use 'haar', a callable or None")
-        self.detector = detector
-        self.batch_size, self.pad = batch_size, pad
+        self.detector = make_detector(detector) if isinstance(detector, str) else detector
+        self.batch_size, self.pad, self.align = batch_size, pad, align
         self.views = model_views(self.model, tta)
 
     def __repr__(self) -> str:
@@ -146,22 +151,32 @@ class Predictor:
     # -- steps -------------------------------------------------------------------------------
 
     def locate(self, image: ImageInput, boxes: Sequence[Box] | None = None,
-               whole_image: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Face boxes ``(N, 4)`` int and their 48x48 grey crops ``(N, 48, 48)`` uint8.
+               whole_image: bool = False) -> tuple[Detections, np.ndarray]:
+        """The faces found (``Detections``) and their 48x48 grey crops ``(N, 48, 48)`` uint8.
 
         ``boxes`` given: those (squared and padded like detections); ``whole_image`` (or no
-        detector): the whole image is one face, squared without padding.
+        detector): the whole image is one face, squared without padding. Built-in detectors
+        (with a ``detect`` method) see the colour photo, user callables its grey version.
         """
-        grey = to_grey(_as_rgb(image))
+        rgb = _as_rgb(image)
+        grey = to_grey(rgb)
         height, width = grey.shape
         pad = self.pad
         if boxes is not None:
-            found = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            found = Detections.of_boxes(boxes)
         elif whole_image or self.detector is None:
-            found, pad = np.array([[0, 0, width, height]], dtype=np.float64), 0.0
+            found, pad = Detections.of_boxes([[0, 0, width, height]]), 0.0
+        elif hasattr(self.detector, "detect"):
+            found = self.detector.detect(rgb)
         else:
-            found = np.asarray(self.detector(grey), dtype=np.float64).reshape(-1, 4)
-        return np.rint(found).astype(np.int64), crop_faces(grey, found, pad, FER_SIZE)
+            found = Detections.of_boxes(self.detector(grey))
+        # whole pixels, as reported: a reported box given back as ``boxes`` gives the same crop
+        found = dataclasses.replace(found, boxes=np.rint(found.boxes))
+        rolls = None
+        if self.align and found.landmarks is not None and hasattr(self.detector, "roll"):
+            rolls = np.array([self.detector.roll(rgb, box) for box in found.boxes])
+            found = dataclasses.replace(found, rolls=rolls)
+        return found, crop_faces(grey, found.boxes, pad, FER_SIZE, rolls)
 
     @torch.no_grad()
     def classify(self, faces: np.ndarray) -> np.ndarray:
@@ -180,15 +195,25 @@ class Predictor:
                 probs = torch.softmax(self.model(x).float(), dim=1)
             else:
                 probs = tta_predict(self.model, x, self.views)
+            bad = ~torch.isfinite(probs).all(dim=1)
+            if bad.any():
+                raise ValueError(f"the model gave non-finite outputs (NaN or inf) for {int(bad.sum())} "
+                                 f"of {len(chunk)} faces: its weights are damaged or overflow")
             out[start:start + step] = probs.cpu().numpy()
         return out
 
-    def to_faces(self, boxes: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
-        """Result dicts for boxes ``(N, 4)`` and their probabilities ``(N, classes)``."""
+    def to_faces(self, found: Detections, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Result dicts for detections and their probabilities ``(N, classes)``."""
         faces = []
-        for box, p in zip(boxes, probs):
+        for i, p in enumerate(probs):
             best = int(np.argmax(p))
-            faces.append({"box": [int(v) for v in box],
+            landmarks = None if found.landmarks is None else {
+                name: [round(float(x), 1), round(float(y), 1)]
+                for name, (x, y) in zip(LANDMARK_NAMES, found.landmarks[i])}
+            faces.append({"box": [int(v) for v in np.rint(found.boxes[i])],
+                          "det_score": None if found.scores is None else round(float(found.scores[i]), 4),
+                          "landmarks": landmarks,
+                          **({} if found.rolls is None else {"roll": round(float(found.rolls[i]), 1)}),
                           "scores": {name: float(v) for name, v in zip(self.classes, p)},
                           "label": self.classes[best], "label_score": float(p[best])})
         return faces
@@ -221,14 +246,18 @@ class Predictor:
 
 
 def draw_faces(rgb: np.ndarray, faces: Sequence[dict[str, Any]]) -> np.ndarray:
-    """A copy of ``rgb`` with each face's box and ``label score`` drawn (sizes follow the image)."""
+    """A copy of ``rgb`` with each face's box, landmarks and ``[#track] label score`` drawn
+    (sizes follow the image)."""
     out = np.ascontiguousarray(np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb.copy())
     unit = max(1, round(max(out.shape[:2]) / 500))
     font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.5 * unit, unit
     for face in faces:
         x, y, w, h = face["box"]
         cv2.rectangle(out, (x, y), (x + w, y + h), (0, 255, 0), 2 * unit)
-        text = f"{face['label']} {face['label_score']:.2f}"
+        for px, py in (face.get("landmarks") or {}).values():
+            cv2.circle(out, (round(px), round(py)), 2 * unit, (255, 200, 0), -1)
+        track = f"#{face['track']} " if "track" in face else ""
+        text = f"{track}{face['label']} {face['label_score']:.2f}"
         (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
         top = y - th - base - 2 * unit if y - th - base - 2 * unit >= 0 else y + h  # below if no room
         cv2.rectangle(out, (x, top), (x + tw + 2 * unit, top + th + base + 2 * unit), (0, 255, 0), -1)

@@ -2,21 +2,28 @@
 
 ``iter_inputs`` expands the inputs (folders recursively, videos every N frames) into ``Item``s;
 ``predict_stream`` gathers the faces of consecutive items and classifies them in one batch, so a
-folder of portraits runs at the batched speed; ``ResultWriter`` saves annotated copies and the
-``predictions.csv`` / ``predictions.json`` tables. A bad input (missing, not an image, truncated,
-unreadable video...) becomes a record with an ``error`` and the others go on.
+folder of portraits runs at the batched speed; ``track_videos`` numbers a video's faces across
+frames (``lhcnet.tracking``); ``ResultWriter`` saves annotated copies (an annotated MP4 and a
+timeline plot per video) and the ``predictions.csv`` / ``predictions.json`` tables. A bad input
+(missing, not an image, too small, truncated, unreadable video...) becomes a record with an
+``error`` and the others go on.
 
 A record: ``{"source": path, "frame": index (videos only), "faces": [face, ...],
 "error": message (failures only), "annotated": path (with a ResultWriter)}``.
+
+An output folder is used by one ``ResultWriter`` at a time (a lock file naming the PID) and is
+refused if it holds anything already, unless ``overwrite``: then the files the previous run
+listed in its manifest are removed first. Every file appears complete or not at all.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +31,16 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .faces import FER_SIZE
+from .faces import FER_SIZE, Detections
+from .files import atomic_write_bytes, atomic_write_text
 from .images import InputError, find_images, load_image
 from .predict import Predictor, draw_faces
-from .video import frame_count, is_video, read_frames
+from .timeline import plot_timeline
+from .tracking import FaceTracker
+from .video import Mp4Writer, frame_count, frame_rate, is_video, read_frames
 
-__all__ = ["Item", "iter_inputs", "predict_stream", "records_json", "table_header", "table_rows",
-           "ResultWriter"]
+__all__ = ["Item", "iter_inputs", "predict_stream", "track_videos", "records_json", "table_header",
+           "table_rows", "OutputInUse", "ResultWriter", "LOCK_NAME", "MANIFEST_NAME"]
 
 # Faces of consecutive items are classified together until one of these is reached; the pixel
 # budget bounds the memory of photos kept for annotation.
@@ -47,6 +57,7 @@ class Item:
     rgb: np.ndarray | None = None
     frame: int | None = None
     error: str | None = None
+    fps: float = 0.0                # video frames: frames per second of the frames read (0: unknown)
 
 
 def _image_item(path: Path, name: Path) -> Item:
@@ -58,7 +69,7 @@ def _image_item(path: Path, name: Path) -> Item:
 
 def _video_items(path: Path, every: int) -> Iterator[Item]:
     try:
-        total = frame_count(path)
+        total, fps = frame_count(path), frame_rate(path) / every
     except InputError as exc:
         yield Item(str(path), Path(path.name), error=str(exc))
         return
@@ -66,7 +77,7 @@ def _video_items(path: Path, every: int) -> Iterator[Item]:
         try:
             for index, rgb in read_frames(path, every):
                 bar.update()
-                yield Item(str(path), Path(path.stem) / f"frame_{index:06d}.jpg", rgb=rgb, frame=index)
+                yield Item(str(path), Path(path.name), rgb=rgb, frame=index, fps=fps)
         except InputError as exc:
             yield Item(str(path), Path(path.name), error=str(exc))
 
@@ -104,7 +115,7 @@ def predict_stream(predictor: Predictor, items: Iterable[Item], whole_image: boo
     ``keep_images``: leave each item's ``rgb`` in place (to annotate it); otherwise it is dropped
     as soon as its faces are cropped.
     """
-    pending: list[tuple[Item, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[Item, Detections, np.ndarray]] = []
     face_count = pixel_count = 0
 
     def flush() -> Iterator[tuple[Item, dict[str, Any]]]:
@@ -112,32 +123,48 @@ def predict_stream(predictor: Predictor, items: Iterable[Item], whole_image: boo
         crops = [faces for _, _, faces in pending]
         probs = predictor.classify(np.concatenate(crops)) if face_count else np.zeros((0, 0))
         start = 0
-        for item, boxes, faces in pending:
+        for item, found, faces in pending:
             if item.error is not None:
                 yield item, _record(item)
                 continue
-            yield item, _record(item, predictor.to_faces(boxes, probs[start:start + len(faces)]))
+            yield item, _record(item, predictor.to_faces(found, probs[start:start + len(faces)]))
             start += len(faces)
         pending.clear()
         face_count = pixel_count = 0
 
-    no_faces = np.zeros((0, 4), np.int64), np.zeros((0, FER_SIZE, FER_SIZE), np.uint8)
+    no_faces = Detections.of_boxes([]), np.zeros((0, FER_SIZE, FER_SIZE), np.uint8)
     for item in items:
-        boxes, faces = no_faces
+        found, faces = no_faces
         if item.error is None:
             try:
-                boxes, faces = predictor.locate(item.rgb, whole_image=whole_image)
-            except ValueError as exc:  # InputError included
-                item.error = f"{item.source}: {exc}"
+                found, faces = predictor.locate(item.rgb, whole_image=whole_image)
+            except (ValueError, cv2.error) as exc:  # InputError included; one input, not the job
+                reason = " ".join(str(exc).split())
+                item.error = reason if reason.startswith(item.source) else f"{item.source}: {reason}"
         if not keep_images or item.error is not None:
             item.rgb = None
-        pending.append((item, boxes, faces))
+        pending.append((item, found, faces))
         face_count += len(faces)
         pixel_count += 0 if item.rgb is None else item.rgb.size // 3
         if (face_count >= predictor.batch_size or len(pending) >= predictor.batch_size
                 or pixel_count >= MAX_PENDING_PIXELS):
             yield from flush()
     yield from flush()
+
+
+def track_videos(stream: Iterable[tuple[Item, dict[str, Any]]], window: int = 1,
+                 min_iou: float = 0.3) -> Iterator[tuple[Item, dict[str, Any]]]:
+    """The stream, with each video frame's faces numbered by ``FaceTracker`` (one per video)
+    and, with ``window`` > 1, their probabilities smoothed over that many frames."""
+    tracker, source = None, None
+    for item, record in stream:
+        if "frame" in record:
+            if tracker is None or record["source"] != source:
+                tracker, source = FaceTracker(min_iou, window=window), record["source"]
+            tracker.update(record["faces"])
+        else:
+            tracker = None
+        yield item, record
 
 
 def records_json(records: Sequence[dict[str, Any]]) -> str:
@@ -147,61 +174,188 @@ def records_json(records: Sequence[dict[str, Any]]) -> str:
 
 def table_header(classes: Sequence[str]) -> list[str]:
     """The columns of ``predictions.csv``: one row per face, or per image without faces."""
-    return ["source", "frame", "face", "x", "y", "w", "h", "label", "label_score", *classes,
-            "status", "error"]
+    return ["source", "frame", "face", "track", "x", "y", "w", "h", "det_score", "label",
+            "label_score", *classes, "status", "error"]
 
 
 def table_rows(record: dict[str, Any], classes: Sequence[str]) -> list[list[Any]]:
     """A record's rows of ``predictions.csv`` (status ``ok``, ``no_face`` or ``error``)."""
     lead = [record["source"], record.get("frame", "")]
     if "error" in record:
-        return [lead + [""] * (7 + len(classes)) + ["error", record["error"]]]
+        return [lead + [""] * (9 + len(classes)) + ["error", record["error"]]]
     if not record["faces"]:
-        return [lead + [""] * (7 + len(classes)) + ["no_face", ""]]
-    return [lead + [i, *face["box"], face["label"], f"{face['label_score']:.6f}",
+        return [lead + [""] * (9 + len(classes)) + ["no_face", ""]]
+    return [lead + [i, face.get("track", ""), *face["box"],
+                    "" if face.get("det_score") is None else f"{face['det_score']:.4f}",
+                    face["label"], f"{face['label_score']:.6f}",
                     *(f"{face['scores'][c]:.6f}" for c in classes), "ok", ""]
             for i, face in enumerate(record["faces"], start=1)]
 
 
-class ResultWriter:
-    """Writes annotated copies under ``out`` and the tables ``predictions.csv`` / ``.json``."""
+LOCK_NAME = ".lhcnet-predict.lock"       # PID of the run writing the folder
+MANIFEST_NAME = ".lhcnet-predict-files"  # the files that run wrote, one relative path a line
 
-    def __init__(self, out: str | os.PathLike, classes: Sequence[str]) -> None:
+
+class OutputInUse(ValueError):
+    """The output folder is being written by another running ``lhcnet predict``."""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@dataclass
+class _VideoOutput:
+    """The annotated video and the frame records of the video being written."""
+
+    source: str
+    video: Mp4Writer
+    timeline: Path
+    fps: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ResultWriter:
+    """Writes annotated copies under ``out`` (an annotated MP4 and a timeline PNG per video) and
+    the tables ``predictions.csv`` / ``.json``, atomically, holding the folder's lock meanwhile.
+
+    ``out`` must be empty or new; ``overwrite``: remove what the previous run there listed in its
+    manifest, and write anyway.
+    """
+
+    def __init__(self, out: str | os.PathLike, classes: Sequence[str], overwrite: bool = False) -> None:
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"{self.out}: exists and is not a folder (--out needs a folder)")
         self.out.mkdir(parents=True, exist_ok=True)
         self.classes = list(classes)
         self.records: list[dict[str, Any]] = []
+        self.written: list[Path] = []
         self._used: set[Path] = set()
-        self._csv_file = open(self.out / "predictions.csv", "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(table_header(self.classes))
+        self._video: _VideoOutput | None = None
+        self._lock = self.out / LOCK_NAME
+        self._take_lock()
+        try:
+            self._clear_previous(overwrite)
+        except BaseException:
+            self._release_lock()
+            raise
 
-    def _unique(self, name: Path) -> Path:
-        if name.suffix.lower() not in WRITABLE_SUFFIXES:
+    def _take_lock(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self._lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                try:
+                    pid = int(self._lock.read_text(encoding="ascii").strip() or 0)
+                except (OSError, ValueError, UnicodeDecodeError):
+                    pid = 0
+                if pid > 0 and _running(pid):
+                    raise OutputInUse(
+                        f"{self.out}: in use by PID {pid} (another lhcnet predict is writing there); "
+                        "wait for it to finish or choose another --out") from None
+                self._lock.unlink(missing_ok=True)  # left behind by a killed run
+                continue
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+        raise OutputInUse(f"{self.out}: another lhcnet predict took the folder at the same moment")
+
+    def _release_lock(self) -> None:
+        try:
+            if self._lock.read_text(encoding="ascii").strip() == str(os.getpid()):
+                self._lock.unlink()
+        except OSError:
+            pass
+
+    def _clear_previous(self, overwrite: bool) -> None:
+        present = sorted(p.name for p in self.out.iterdir() if p.name != LOCK_NAME)
+        if not present:
+            return
+        if not overwrite:
+            listed = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+            raise ValueError(f"{self.out}: folder not empty ({listed}); pass --overwrite to replace "
+                             "the results of a previous lhcnet predict there, or choose another --out")
+        manifest = self.out / MANIFEST_NAME
+        try:
+            previous = manifest.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            previous = []
+        root = self.out.resolve()
+        for line in previous:
+            path = (self.out / line).resolve()
+            if line and root in path.parents and path.is_file():  # never outside the folder
+                path.unlink()
+        manifest.unlink(missing_ok=True)
+
+    def _unique(self, name: Path, suffixes: frozenset[str] = WRITABLE_SUFFIXES) -> Path:
+        if name.suffix.lower() not in suffixes:
             name = name.with_suffix(".png")
         candidate, n = name, 1
         while candidate in self._used:
             candidate = name.with_name(f"{name.stem}_{n}{name.suffix}")
             n += 1
         self._used.add(candidate)
-        return candidate
+        return self.out / candidate
 
     def add(self, item: Item, record: dict[str, Any]) -> None:
-        """Save the annotated image (if the item still has it) and the record's table rows."""
-        if item.rgb is not None and "error" not in record:
-            path = self.out / self._unique(item.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            annotated = draw_faces(item.rgb, record["faces"])
-            if not cv2.imwrite(str(path), cv2.cvtColor(annotated, cv2.COLOR_RGB2BGR)):
-                raise OSError(f"{path}: could not write the annotated image")
+        """Save the annotated image or video frame (if the item still has its pixels) and keep
+        the record for the tables."""
+        if self._video is not None and ("frame" not in record or record["source"] != self._video.source):
+            self._finish_video()
+        if "frame" in record:
+            if self._video is None:
+                stem = item.name.stem
+                self._video = _VideoOutput(
+                    record["source"], Mp4Writer(self._unique(Path(f"{stem}_annotated.mp4"), frozenset({".mp4"})), item.fps),
+                    self._unique(Path(f"{stem}_timeline.png")), item.fps)
+            self._video.records.append(record)
+            if item.rgb is not None:
+                self._video.video.write(draw_faces(item.rgb, record["faces"]))
+                record["annotated"] = str(self._video.video.path)
+        elif item.rgb is not None and "error" not in record:
+            path = self._unique(item.name)
+            ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(draw_faces(item.rgb, record["faces"]),
+                                                                  cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise OSError(f"{path}: could not encode the annotated image")
+            self.written.append(atomic_write_bytes(path, encoded.tobytes()))
             record["annotated"] = str(path)
         self.records.append(record)
-        self._csv.writerows(table_rows(record, self.classes))
+
+    def _finish_video(self) -> None:
+        video, self._video = self._video, None
+        path = video.video.close()
+        if path is not None:
+            self.written.append(path)
+        self.written.append(plot_timeline(video.records, self.classes, video.timeline, video.fps,
+                                          title=video.source))
 
     def close(self) -> None:
-        """Finish ``predictions.csv`` and write ``predictions.json``."""
-        self._csv_file.close()
-        (self.out / "predictions.json").write_text(records_json(self.records), encoding="utf-8")
+        """Finish the last video, write ``predictions.csv``, ``predictions.json`` and the
+        manifest, and release the folder."""
+        try:
+            if self._video is not None:
+                self._finish_video()
+            table = io.StringIO()
+            writer = csv.writer(table)
+            writer.writerow(table_header(self.classes))
+            for record in self.records:
+                writer.writerows(table_rows(record, self.classes))
+            self.written.append(atomic_write_text(self.out / "predictions.csv", table.getvalue()))
+            self.written.append(atomic_write_text(self.out / "predictions.json", records_json(self.records)))
+            atomic_write_text(self.out / MANIFEST_NAME, "".join(
+                f"{p.relative_to(self.out).as_posix()}\n" for p in self.written))
+        finally:
+            if self._video is not None:
+                self._video.video.abort()
+            self._release_lock()
 
     def __enter__(self) -> ResultWriter:
         return self

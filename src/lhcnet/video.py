@@ -1,11 +1,17 @@
-"""Reading video frames with OpenCV (``cv2.VideoCapture``, FFmpeg in the pip wheels) as RGB arrays.
+"""Video files with OpenCV (``cv2.VideoCapture`` / ``cv2.VideoWriter``, FFmpeg in the pip wheels).
 
-A file that OpenCV cannot open or decode is one ``InputError`` naming the file, raised before any
-frame is yielded; ``every=N`` keeps frames 0, N, 2N... and only grabs (does not decode) the others.
+Reading: frames as RGB arrays. A file that OpenCV cannot open or decode is one ``InputError``
+naming the file, raised before any frame is yielded; a video that ends before the frame count its
+header declares (truncated, or damaged where the decoder gives up) is an ``InputError`` raised
+after the frames that could be read; ``every=N`` keeps frames 0, N, 2N... and only grabs (does not
+decode) the others. Damage the decoder does not notice (a JPEG frame of an MJPEG file with wrong
+bytes still decodes) cannot be seen here. Writing: ``Mp4Writer``, RGB frames to an MP4 file that
+appears complete or not at all.
 """
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +20,7 @@ import numpy as np
 
 from .images import InputError
 
-__all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "frame_rate", "read_frames"]
+__all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "frame_rate", "read_frames", "Mp4Writer"]
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                             ".wmv", ".flv", ".3gp", ".ts", ".mts"})
@@ -66,6 +72,7 @@ def read_frames(path: str | os.PathLike, every: int = 1) -> Iterator[tuple[int, 
         raise ValueError(f"every must be >= 1, got {every}")
     path = Path(path)
     capture = _open(path)
+    declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
     try:
         index = 0
         while True:
@@ -81,5 +88,46 @@ def read_frames(path: str | os.PathLike, every: int = 1) -> Iterator[tuple[int, 
             index += 1
         if index == 0:
             raise InputError(f"{path}: cannot read video (no frame could be decoded)")
+        # Containers that estimate their length (from duration x rate) may be off by a frame
+        # or two in a hundred; MP4 and AVI headers count exactly.
+        if index < declared - declared // 100:
+            raise InputError(f"{path}: the video ends after {index} of the {declared} frames its "
+                             "header declares (truncated or damaged file); the frames before were read")
     finally:
         capture.release()
+
+
+class Mp4Writer:
+    """RGB uint8 frames, all of one size, to an MP4 file (MPEG-4 part 2, ``mp4v``, which OpenCV's
+    pip wheels write without extra codecs). The file is written under a temp name in the same
+    folder and renamed by ``close``: it appears complete or not at all."""
+
+    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+        self.path, self.fps = Path(path), fps if fps > 0 else 25.0
+        self._tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.mp4")
+        self._writer: cv2.VideoWriter | None = None
+
+    def write(self, rgb: np.ndarray) -> None:
+        if self._writer is None:
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                           (rgb.shape[1], rgb.shape[0]))
+            if not self._writer.isOpened():
+                self.abort()
+                raise OSError(f"{self.path}: OpenCV {cv2.__version__} cannot write MP4 video here")
+        self._writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> Path | None:
+        """Finish the file and give it its name; None if no frame was written."""
+        if self._writer is None:
+            return None
+        self._writer.release()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the file."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..predict import Predictor
-from ..predict_files import ResultWriter, iter_inputs, predict_stream, records_json
+from ..faces import DETECTORS, make_detector
+from ..predict import ALIGN, Predictor
+from ..predict_files import ResultWriter, iter_inputs, predict_stream, records_json, track_videos
 
 
 def positive_int(text: str) -> int:
@@ -21,17 +22,41 @@ def positive_int(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {value}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="detect faces and predict their emotions in photos, folders and videos",
-        description="Detect faces (OpenCV Haar cascade) and print each face's box and emotion "
-                    "probabilities. Exit code 0: all inputs processed; 1: some inputs failed.")
+        description="Detect faces (YuNet by default, or OpenCV's Haar cascade) and print each "
+                    "face's box and emotion probabilities. Exit code 0: all inputs processed; "
+                    "1: some inputs failed.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (searched recursively) or video files")
     p.add_argument("--model", help="model file (.safetensors or .onnx); default: the bundled model")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="write annotated images and predictions.csv / predictions.json here")
+                   help="write annotated images (videos: an annotated MP4 and a timeline PNG) and "
+                        "predictions.csv / predictions.json into this new or empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --out: replace the results a previous lhcnet predict left there")
+    p.add_argument("--detector", choices=DETECTORS, default="yunet",
+                   help="face detector: yunet (default; landmarks and scores), haar (OpenCV's "
+                        "frontal-face cascade, OpenCV 4 only) or none (each image is one face)")
+    p.add_argument("--min-face", type=positive_int, metavar="PX",
+                   help="smallest face side in pixels (default: yunet 24 px or 2%% of the shorter "
+                        "side, whichever is larger; haar 48 px or 5%%)")
+    p.add_argument("--det-threshold", type=probability, metavar="P",
+                   help="yunet: detection score a face needs (default 0.7)")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=ALIGN,
+                   help="rotate each face so the eyes are level before classifying it (yunet; "
+                        f"default {'on' if ALIGN else 'off'}, see docs/predict.md)")
+    p.add_argument("--smooth", type=positive_int, default=1, metavar="N",
+                   help="videos: average each face's probabilities over its last N read frames")
     p.add_argument("--tta", action="store_true", help="average over test-time augmentation views")
     p.add_argument("--tta-views", default=None,
                    help="with --tta: ten-crop, flip, paper (60 views), zoom (8) or a count "
@@ -77,18 +102,20 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    detector = make_detector(args.detector, args.min_face, args.det_threshold)
     try:
-        predictor = Predictor(args.model, args.device, backend=args.backend, batch_size=args.batch_size,
-                              tta=(args.tta_views or True) if args.tta else None)
+        predictor = Predictor(args.model, args.device, detector=detector, backend=args.backend,
+                              batch_size=args.batch_size, tta=(args.tta_views or True) if args.tta else None,
+                              align=args.align)
     except ImportError as exc:  # the optional ONNX packages
         print(f"lhcnet predict: error: {exc}", file=sys.stderr)
         return 2
-    writer = ResultWriter(args.out, predictor.classes) if args.out else None
+    writer = ResultWriter(args.out, predictor.classes, args.overwrite) if args.out else None
     records = []
     try:
         stream = predict_stream(predictor, iter_inputs(args.inputs, args.every), args.whole_image,
                                 keep_images=writer is not None)
-        for item, record in stream:
+        for item, record in track_videos(stream, args.smooth):
             if "error" in record:
                 print(f"lhcnet predict: error: {record['error']}", file=sys.stderr)
             if writer is not None:
@@ -107,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         read = [_count(n, noun) for n, noun in ((len(records) - frames, "file"), (frames, "video frame"))
                 if n]
         print(f"{' and '.join(read) or 'no input'}: {_count(faces, 'face')}, {failed} failed"
-              + (f"; annotated images and predictions.csv/.json in {args.out}" if args.out else ""))
+              + (f"; annotated images, videos and predictions.csv/.json in {args.out}" if args.out else ""))
     return 1 if failed else 0
