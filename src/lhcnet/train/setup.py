@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import BatchLoader, FaceDataset
+from ..data import BatchLoader, FaceDataset, paper_jpeg
+from ..data.placement import fits_on_device, place_images
 from ..seeds import derive_seed
 from ..models import LHCNetModel, create_model, freeze_except_gates, save_model
 from ..models.registry import load_weights
@@ -60,18 +61,23 @@ class Run:
     val_set: FaceDataset          # the PublicTest split (``limit_val`` applied)
     classes: list[str]
     fingerprint: dict[str, Any] = field(default_factory=dict)  # data, numeric options, config.toml
-    jpeg_images: dict[int, np.ndarray] = field(default_factory=dict)
+    placed_images: dict[int, torch.Tensor] = field(default_factory=dict)  # by size (0: the originals)
 
-    def training_images(self, size: int) -> np.ndarray:
-        """The training images as trained on: with ``paper_jpeg`` resized to ``size``, floored and
-        JPEG-coded once per run (spec §5), else the 48 px originals (resized per batch)."""
-        if not self.recipe.paper_jpeg:
-            return self.train_set.images
-        if size not in self.jpeg_images:
-            from ..data import paper_jpeg
-            self.log.info(f"paper_jpeg: {len(self.train_set)} training images -> {size} px, floor, JPEG q100")
-            self.jpeg_images[size] = paper_jpeg(self.train_set.images, size)
-        return self.jpeg_images[size]
+    def training_images(self, size: int) -> torch.Tensor:
+        """The training images as trained on, made once per run and placed where every loader
+        reads them (``data.placement``: on the device when they fit): with ``paper_jpeg`` resized
+        to ``size``, floored and JPEG-coded (spec §5; on a GPU written straight into its memory),
+        else the 48 px originals (resized per batch)."""
+        key = size if self.recipe.paper_jpeg else 0
+        if key not in self.placed_images:
+            device, images = self.dist.device, self.train_set.images
+            if self.recipe.paper_jpeg:
+                self.log.info(f"paper_jpeg: {len(images)} training images -> {size} px, floor, JPEG q100")
+                on_device = fits_on_device(len(images) * size * size, device)
+                images = paper_jpeg(images, size, out=torch.empty((len(images), size, size), dtype=torch.uint8,
+                                                                  device=device if on_device else "cpu"))
+            self.placed_images[key] = place_images(images, device)
+        return self.placed_images[key]
 
     def best_path(self, stage: Stage) -> Path:
         return self.out_dir / f"{stage.name}-best.safetensors"
@@ -145,18 +151,19 @@ def setup_stage(run: Run, index: int, checkpoint: dict[str, Any] | None) -> Stag
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if options.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model)  # (check_compile: before the run starts)
 
     size, eval_batch = model.input_size, stage.eval_batch_size or 2 * stage.batch_size
     train_images, train_targets = run.training_images(size), targets(run.train_set)
+    layout = {"channels_last": options.channels_last}
     loader = make_loader(train_images, train_targets, batch_size=stage.batch_size, size=size, train=True,
-                         stage=stage, dist=run.dist)
+                         stage=stage, dist=run.dist, **layout)
     val_loader = make_loader(run.val_set.images, targets(run.val_set), batch_size=eval_batch, size=size,
-                             train=False, stage=stage, dist=run.dist)
+                             train=False, stage=stage, dist=run.dist, **layout)
     train_eval_loader = None
     if stage.acceptance is not None:  # the training images as trained on (paper: the JPEGs), unaugmented
         train_eval_loader = make_loader(train_images, train_targets, batch_size=eval_batch, size=size,
-                                        train=False, stage=stage, dist=run.dist)
+                                        train=False, stage=stage, dist=run.dist, **layout)
     return StageSetup(stage, index, model, train_model, params, optimizer, loader, val_loader,
                       train_eval_loader, early_stopping, start_from, ema, ema_stopping)
 
@@ -264,22 +271,23 @@ def lr_at(stage: Stage, epoch: int, step: int, steps_per_epoch: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_loader(images: np.ndarray, targets: np.ndarray, *, batch_size: int, size: int, train: bool,
-                stage: Stage, dist: Distributed) -> BatchLoader:
+def make_loader(images: np.ndarray | torch.Tensor, targets: np.ndarray, *, batch_size: int, size: int,
+                train: bool, stage: Stage, dist: Distributed, channels_last: bool = False) -> BatchLoader:
     """Training batches (shuffled, augmented, sharded over processes) or evaluation batches.
 
     ``batch_size`` is the global batch: each of the ``world_size`` processes takes its share.
-    ``targets``: int labels (N,) or FER+ vote distributions (N, K).
+    ``targets``: int labels (N,) or FER+ vote distributions (N, K). ``images`` are used in place
+    (``Run.training_images``: on the device when they fit).
     """
     labels = {"soft_labels": targets} if targets.ndim == 2 else {"labels": targets}
     if not train:  # evaluation: every process takes every world_size-th image, no padding
         shard = slice(dist.rank, None, dist.world_size)
         labels = {k: v[shard] for k, v in labels.items()}
         return BatchLoader(images[shard], **labels, batch_size=batch_size, size=size, device=dist.device,
-                           crop=stage.augment.crop)  # a model trained on crops: its centre crop
+                           channels_last=channels_last, crop=stage.augment.crop)  # a model trained on crops: its centre crop
     if batch_size % dist.world_size:
         raise ValueError(f"stage {stage.name!r}: batch_size {batch_size} is not divisible by the "
                          f"{dist.world_size} processes")
     return BatchLoader(images, **labels, batch_size=batch_size // dist.world_size, size=size, shuffle=True,
                        augment=stage.augment, seed=stage.seed, device=dist.device, drop_last=False, rank=dist.rank,
-                       world_size=dist.world_size)
+                       world_size=dist.world_size, channels_last=channels_last)

@@ -38,6 +38,7 @@ from ..models import LHCNetModel, create_model, load_model, save_model, set_batc
 from ..models.registry import load_weights
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .distributed import Distributed, setup_distributed
+from .preflight import check_before_training
 from .recipe import Recipe, Stage
 from .run_dir import (METRIC_COLUMNS, TIMING_COLUMNS, RunLock, RunLog, check_resumable, config_fingerprint,
                       data_fingerprint, fingerprint_differences, open_run_dir, remove_temp_files, write_summary)
@@ -81,8 +82,11 @@ def _train(recipe: Recipe, dataset: FaceDataset, out_dir: Path, options: TrainOp
     if options.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size batches: the fastest convolutions, found once
     train_set, val_set = (_first(_split(dataset, name), limit) for name, limit in
                           (("Training", recipe.limit_train), ("PublicTest", recipe.limit_val)))
+    check_before_training(recipe, len(train_set), dist.device, options.compile, options.resume)
     with RunLock(out_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
             recipe = open_run_dir(out_dir, recipe, options.resume)
