@@ -1,136 +1,244 @@
-"""LHC speed, measured side by side in one run (CPU).
+"""What the LHC blocks cost, measured side by side in one run (CPU).
 
-1. Training step (forward + backward + SGD update) of resnet34v2 vs lhcnet_resnet34v2 at 224 px,
-   batch 16: the cost of the five LHC blocks (goal: ratio <= 1.15).
-2. The vectorised LHC vs a per-head-loop formulation shaped like the authors' TF code (a list of
-   per-head Linear layers and a Python loop), for each of the paper's five blocks at its own
-   feature-map size: forward + backward (goal: loop / vectorised >= 3).
-3. A profile of where a LHC-Net training step spends its time (top operators).
+1. Whole models, host network vs LHC-Net vs LHC-Net with the previous LHC implementation
+   (``tests/lhc_previous.py``, before issue 12), the variants interleaved step by step:
+   - compact ``lhcnet_resnet18v2_48`` (48 px, batch 64): training step in bf16 autocast +
+     channels-last and in fp32; inference (eval, batch 64) in fp32 and bf16 + channels-last;
+   - paper ``lhcnet_resnet34v2`` (224 px): training step (batch 16, fp32); inference (batch 64, fp32).
+   Each row: median seconds, the LHC-Net / host ratio (new and previous) and the FLOP ratio that
+   ``lhcnet info`` prints (``lhcnet.summary``).
+2. Every LHC block, forward + backward, new vs previous implementation, on the block's real input
+   (the feature map the model itself feeds it from a batch of synthetic faces).
+3. ``--profile``: per block of both models, the operators a forward + backward spends its time in.
+4. ``--compile``: the compact LHC-Net training step under ``torch.compile`` (compile time apart).
 
-Usage: python benchmarks/lhc_speed.py [--batch 16] [--steps 3] [--threads N]
+Usage: python benchmarks/lhc_speed.py [--rounds 5] [--threads N] [--only compact|paper]
+       [--profile] [--compile] [--skip-blocks]
+Other jobs on the machine distort timings: the load average is printed at the start and the end.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lhcnet import LHC, create_model
-from lhcnet.models import lhc_blocks
-from lhcnet.nn.lhc import box_mean
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lhc_previous import previous_forward, previous_implementation  # noqa: E402
+
+from lhcnet import create_model  # noqa: E402
+from lhcnet.models import lhc_blocks  # noqa: E402
+from lhcnet.summary import summarize  # noqa: E402
+
+Step = Callable[[], None]
 
 
-class LoopLHC(nn.Module):
-    """The original's shape: one Linear per head in a list, a Python loop over heads.
-
-    Q/K/V are computed exactly as in ``LHC`` (same pools), so the ratio measures the head loop only.
-    """
-
-    def __init__(self, ref: LHC) -> None:
-        super().__init__()
-        self.ref = ref
-        self.linears = nn.ModuleList(nn.Linear(ref.head_len, ref.embed_dim) for _ in range(ref.heads))
-        with torch.no_grad():
-            for i, lin in enumerate(self.linears):
-                lin.weight.copy_(ref.qk_weight[i].T)
-                lin.bias.copy_(ref.qk_bias[i])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.ref
-        b, c, h, w = x.shape
-        q = box_mean(x, r.pool_size)
-        k = F.max_pool2d(x, r.pool_size, 1, r.pool_size // 2)
-        v = box_mean(r.value_conv(x), 3)
-        rows = h // r.heads
-        outs = []
-        for i in range(r.heads):
-            band = slice(i * rows, (i + 1) * rows)
-            qi = self.linears[i](q[:, :, band].reshape(b, c, -1))
-            ki = self.linears[i](k[:, :, band].reshape(b, c, -1))
-            vi = v[:, :, band].reshape(b, c, -1)
-            s = qi @ ki.transpose(1, 2)
-            scale = torch.sigmoid(r.scale_fc(s.mean(-1)))
-            a = torch.softmax(s / r.embed_dim ** (r.scale_c + scale).unsqueeze(-1), dim=-1)
-            outs.append((a @ vi).reshape(b, c, rows, w))
-        return x + torch.cat(outs, dim=2)
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
-def time_it(fn, steps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def interleaved(variants: dict[str, Step], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each variant; one warm-up call each, then round-robin."""
+    for step in variants.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def train_step_fn(model: nn.Module, batch: int, size: int):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def model_steps(name: str, batch: int, train: bool, bf16: bool, channels_last: bool) -> dict[str, Step]:
+    """host / LHC-Net / LHC-Net (previous LHC) steps on the same input."""
+    torch.manual_seed(0)
+    host, lhc = create_model(name.removeprefix("lhcnet_")), create_model(name)
+    size = lhc.input_size
     x = torch.rand(batch, 3, size, size) * 255
     y = torch.randint(0, 7, (batch,))
-    model.train()
+    if channels_last:
+        host, lhc = (m.to(memory_format=torch.channels_last) for m in (host, lhc))
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step_of(model: nn.Module) -> Step:
+        model.train(train)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            if not train:
+                with torch.no_grad(), autocast(bf16):
+                    model(x)
+                return
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(bf16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    lhc_step = step_of(lhc)
+
+    def previous() -> None:
+        with previous_implementation(lhc):
+            lhc_step()
+    return {"host": step_of(host), "LHC-Net": lhc_step, "LHC-Net (previous LHC)": previous}
+
+
+def flop_ratio(name: str) -> float:
+    return summarize(create_model(name)).flops / summarize(create_model(name.removeprefix("lhcnet_"))).flops
+
+
+def whole_models(only: str, rounds: int) -> None:
+    rows = [("compact", "lhcnet_resnet18v2_48", 64, True, True, True, "train, bf16 + channels-last"),
+            ("compact", "lhcnet_resnet18v2_48", 64, True, False, False, "train, fp32"),
+            ("compact", "lhcnet_resnet18v2_48", 64, False, False, False, "inference, fp32"),
+            ("compact", "lhcnet_resnet18v2_48", 64, False, True, True, "inference, bf16 + channels-last"),
+            ("paper", "lhcnet_resnet34v2", 16, True, False, False, "train, fp32"),
+            ("paper", "lhcnet_resnet34v2", 64, False, False, False, "inference, fp32")]
+    print(f"\n1. whole models, median of {rounds} interleaved steps (seconds)")
+    print(f"{'model':<22}{'batch':>6}  {'what':<32}{'host':>8}{'LHC-Net':>9}{'prev.':>8}"
+          f"{'ratio':>7}{'prev. ratio':>12}{'FLOP ratio':>11}")
+    flops: dict[str, float] = {}
+    for family, name, batch, train, bf16, cl, what in rows:
+        if only and family != only:
+            continue
+        flops.setdefault(name, flop_ratio(name))
+        t = interleaved(model_steps(name, batch, train, bf16, cl), rounds)
+        host, new, old = t["host"], t["LHC-Net"], t["LHC-Net (previous LHC)"]
+        print(f"{name:<22}{batch:>6}  {what:<32}{host:8.3f}{new:9.3f}{old:8.3f}"
+              f"{new / host:7.2f}{old / host:12.2f}{flops[name]:11.2f}", flush=True)
+
+
+def block_inputs(name: str, batch: int, bf16: bool) -> tuple[nn.Module, list[tuple[str, nn.Module, torch.Tensor]]]:
+    """Every LHC block with the input its model gives it (training mode, synthetic faces)."""
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    x = torch.rand(batch, 3, model.input_size, model.input_size) * 255
+    if bf16:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    captured = []
+    hooks = [block.register_forward_pre_hook(lambda m, args, place=place: captured.append((place, m, args[0].detach())))
+             for place, block in lhc_blocks(model)]
+    with torch.no_grad(), autocast(bf16):
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return model, captured
+
+
+def block_step(block: nn.Module, x: torch.Tensor, bf16: bool, forward: Callable | None = None) -> Step:
+    x = x.clone().requires_grad_()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        with autocast(bf16):
+            y = forward(block, x) if forward else block(x)
+        y.float().square().mean().backward()
     return step
 
 
-def fwd_bwd_fn(module: nn.Module, x: torch.Tensor):
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        module(x).sum().backward()
-    return step
+def per_block(only: str, rounds: int) -> None:
+    print(f"\n2. every LHC block, forward + backward on its model's feature map, median of {rounds} (ms)")
+    print(f"{'model':<22}{'block':<8}{'input':<22}{'new':>8}{'previous':>10}{'speed-up':>10}")
+    for family, name, batch, bf16 in (("compact", "lhcnet_resnet18v2_48", 64, True),
+                                      ("paper", "lhcnet_resnet34v2", 16, False)):
+        if only and family != only:
+            continue
+        _, inputs = block_inputs(name, batch, bf16)
+        total_new = total_old = 0.0
+        for place, block, x in inputs:
+            t = interleaved({"new": block_step(block, x, bf16),
+                             "previous": block_step(block, x, bf16, previous_forward)}, rounds)
+            total_new, total_old = total_new + t["new"], total_old + t["previous"]
+            shape = f"{tuple(x.shape[1:])} {'bf16 CL' if bf16 else 'fp32'}"
+            print(f"{name:<22}{place:<8}{shape:<22}{1000 * t['new']:8.1f}{1000 * t['previous']:10.1f}"
+                  f"{t['previous'] / t['new']:10.2f}")
+        print(f"{name:<22}{'all':<8}{'':<22}{1000 * total_new:8.1f}{1000 * total_old:10.1f}"
+              f"{total_old / total_new:10.2f}", flush=True)
+
+
+def profile_blocks(only: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    print("\n3. where each block's forward + backward spends its time (new implementation, top 8 ops)")
+    for family, name, batch, bf16 in (("compact", "lhcnet_resnet18v2_48", 64, True),
+                                      ("paper", "lhcnet_resnet34v2", 16, False)):
+        if only and family != only:
+            continue
+        _, inputs = block_inputs(name, batch, bf16)
+        for place, block, x in inputs:
+            step = block_step(block, x, bf16)
+            step()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                step()
+            events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events)
+            print(f"{name} {place} ({block.extra_repr()}): {total / 1000:.1f} ms")
+            for e in events[:8]:
+                print(f"    {100 * e.self_cpu_time_total / total:5.1f}%  {e.count:4d}x {e.key:<34} "
+                      f"{str(e.input_shapes)[:70]}")
+
+
+def compiled(rounds: int) -> None:
+    print("\n4. torch.compile, compact model, training step, bf16 + channels-last, batch 64 (seconds)")
+    steps = model_steps("lhcnet_resnet18v2_48", 64, True, True, True)
+    torch.manual_seed(0)
+    try:
+        model = torch.compile(create_model("lhcnet_resnet18v2_48").to(memory_format=torch.channels_last))
+        x = (torch.rand(64, 3, 48, 48) * 255).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 7, (64,))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(True):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        start = time.perf_counter()
+        step()
+        print(f"compile + first step: {time.perf_counter() - start:.0f} s")
+    except Exception as error:  # no C++ compiler, unsupported platform...
+        print(f"torch.compile unavailable here: {type(error).__name__}: {str(error).splitlines()[0]}")
+        return
+    t = interleaved({"host": steps["host"], "LHC-Net": steps["LHC-Net"], "LHC-Net compiled": step}, rounds)
+    print(f"host {t['host']:.3f}  LHC-Net {t['LHC-Net']:.3f} (ratio {t['LHC-Net'] / t['host']:.2f})  "
+          f"LHC-Net compiled {t['LHC-Net compiled']:.3f} (ratio {t['LHC-Net compiled'] / t['host']:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per variant")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--only", choices=("compact", "paper"), default="")
+    parser.add_argument("--skip-blocks", action="store_true", help="no per-block table")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, fp32")
-
-    torch.manual_seed(0)
-    base = create_model("resnet34v2")
-    lhc_model = create_model("lhcnet_resnet34v2")
-    t_base = time_it(train_step_fn(base, args.batch, 224), args.steps)
-    t_lhc = time_it(train_step_fn(lhc_model, args.batch, 224), args.steps)
-    print(f"train step resnet34v2        : {t_base:.3f} s ({args.batch / t_base:.1f} img/s)")
-    print(f"train step lhcnet_resnet34v2 : {t_lhc:.3f} s ({args.batch / t_lhc:.1f} img/s)")
-    print(f"RATIO lhcnet/resnet34v2 step : {t_lhc / t_base:.3f}   (goal <= 1.15)")
-
-    # Every paper block at its own feature-map size, forward + backward, batch as above.
-    total_vec = total_loop = 0.0
-    for place, block in lhc_blocks(lhc_model):
-        loop = LoopLHC(block)
-        x = torch.randn(args.batch, block.channels, block.height, block.width)
-        with torch.no_grad():
-            diff = (block(x) - loop(x)).abs().max().item()
-        t_vec = time_it(fwd_bwd_fn(block, x), args.steps * 2)
-        t_loop = time_it(fwd_bwd_fn(loop, x), args.steps * 2)
-        total_vec, total_loop = total_vec + t_vec, total_loop + t_loop
-        print(f"LHC {place:<7} ({block.heads} heads) fwd+bwd: vectorised {t_vec * 1000:7.1f} ms, "
-              f"per-head loop {t_loop * 1000:7.1f} ms, ratio {t_loop / t_vec:.2f} (agree to {diff:.0e})")
-    print(f"RATIO loop/vectorised LHC, all 5 blocks : {total_loop / total_vec:.2f}   (goal >= 3)")
-
-    if not args.no_profile:
-        from torch.profiler import ProfilerActivity, profile
-        step = train_step_fn(lhc_model, args.batch, 224)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        print("\nwhere a lhcnet_resnet34v2 training step spends its CPU time (top 12 ops):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
-                                        max_name_column_width=40))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; start: {load()}")
+    whole_models(args.only, args.rounds)
+    if not args.skip_blocks:
+        per_block(args.only, args.rounds)
+    if args.profile:
+        profile_blocks(args.only)
+    if args.compile:
+        compiled(args.rounds)
+    print(f"\nend: {load()}")
 
 
 if __name__ == "__main__":

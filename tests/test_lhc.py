@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import FER2013_CSV_GZ, requires_shared_data
+from lhc_previous import previous_forward, previous_implementation
 from lhcnet import LHC
+from lhcnet.nn import lhc as lhc_module
 
 
 def reference_lhc(x: torch.Tensor, m: LHC) -> torch.Tensor:
@@ -178,7 +183,122 @@ def test_attention_stays_float32_under_bf16_autocast() -> None:
     reference = m.attention(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn = m.attention(x)
+        heads = m.head_outputs(x)  # what the forward adds to x: eqs. (7)-(16) in float32 too
         y = m(x)
-    assert attn.dtype == torch.float32
+    assert attn.dtype == torch.float32 and heads.dtype == torch.float32
+    torch.testing.assert_close(heads, m.head_outputs(x), atol=0.5, rtol=2e-2)
     torch.testing.assert_close(attn, reference, atol=2e-2, rtol=0)
     torch.testing.assert_close(y.float(), m(x), atol=0.5, rtol=2e-2)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """eqs. (11), (15), (16) as three autograd ops."""
+    return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 10**9])  # one head per chunk; all heads in one
+def test_channel_attention_forward_and_backward_match_autograd(monkeypatch, chunk_bytes: int) -> None:
+    """The hand-written backward against autograd through the plain chain (float64), and gradcheck."""
+    monkeypatch.setattr(lhc_module, "_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64).transpose(-1, -2).requires_grad_()
+    weights = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    fast = lhc_module.channel_attention(q, k, v)
+    slow = plain_attention(q, k, v)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), (q, k, v))
+    grads_slow = torch.autograd.grad((slow * weights).sum(), (q, k, v))
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lhc_module.channel_attention, (q, k, v))
+
+
+def test_sharp_rows_give_no_denormal_weights_and_the_same_output() -> None:
+    """Logit spreads of ~1e3 (trained deep blocks): the plain softmax holds weights < 1.2e-38, whose
+    products are 3-10x slower on x86; the guarded one has none, and the same output to float32
+    rounding (the weights it raises were below 4e-18)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 64, 3, generator=g) * 30
+    k = torch.randn(4, 64, 3, generator=g) * 30
+    v = torch.randn(4, 64, 6, generator=g)
+    plain = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((plain > 0) & (plain < tiny)).any()  # the case the guard is for
+    guarded = lhc_module._attention_chunk(q, k)
+    assert not ((guarded > 0) & (guarded < tiny)).any() and guarded.min() > 0
+    torch.testing.assert_close(guarded, plain, rtol=1e-6, atol=64 * math.exp(-40))  # rounding apart
+    torch.testing.assert_close(lhc_module.channel_attention(q, k, v), plain @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_input_same_numbers_and_layout_out() -> None:
+    m = LHC(6, 6, heads=3, embed_dim=4, gate_init=0.3)
+    randomise(m, seed=4)
+    x = torch.randn(2, 6, 6, 6, requires_grad=True)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y, y_cl = m(x), m(x_cl)
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-6, atol=1e-6)
+    (y * y.detach()).sum().backward()
+    (y_cl * y.detach()).sum().backward()
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_same_equals_max_pool2d_values_and_gradients() -> None:
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    x[0, 0, :3, :3] = 1.0  # ties: the first maximal cell gets the gradient, as in F.max_pool2d
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pooled, reference = lhc_module.max_pool_same(a, 3), F.max_pool2d(b, 3, 1, 1)
+    assert torch.equal(pooled, reference) and pooled.is_contiguous()
+    weights = torch.randn(reference.shape, dtype=torch.float64)
+    (pooled * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_forward_and_gradients_equal_the_previous_implementation() -> None:
+    """Against the code before the speed work (tests/lhc_previous.py), float32, gated block."""
+    m = LHC(12, (6, 4), heads=3, embed_dim=5, gate_init=-0.5)
+    randomise(m, seed=5)
+    x = torch.randn(3, 12, 6, 4) * 5
+    results = []
+    for forward in (m, lambda t: previous_forward(m, t)):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = forward(xi)
+        y.square().mean().backward()
+        results.append([y.detach(), xi.grad] + [p.grad.clone() for p in m.parameters()])
+    for new, old in zip(*results):
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-5 * old.abs().max().item())
+
+
+def fer2013_public_faces(count: int) -> np.ndarray:
+    """The first ``count`` PublicTest faces, parsed by lhcnet.data from the shared CSV's lines."""
+    import gzip
+
+    from lhcnet.data.fer2013 import parse_fer2013_csv
+    lines = []
+    with gzip.open(FER2013_CSV_GZ, "rb") as f:
+        header = next(f)
+        for line in f:
+            if line.rstrip().endswith(b"PublicTest"):
+                lines.append(line)
+                if len(lines) == count:
+                    break
+    return parse_fer2013_csv(header + b"".join(lines), str(FER2013_CSV_GZ)).images
+
+
+@requires_shared_data
+def test_bundled_model_logits_equal_the_previous_implementation_on_fer2013_faces() -> None:
+    """The acceptance check of the speed work: 64 real faces, float32, the bundled LHC-Net."""
+    from lhcnet.data import to_model_input
+    from lhcnet.models import load_model
+    from lhcnet.predict import bundled_model_path
+    model = load_model(bundled_model_path()).float().eval()
+    x = to_model_input(torch.from_numpy(fer2013_public_faces(64)), model.input_size)
+    with torch.no_grad():
+        new = model(x)
+        with previous_implementation(model):
+            old = model(x)
+    assert (new - old).abs().max().item() <= 1e-4
+    assert (new.argmax(1) == old.argmax(1)).all()

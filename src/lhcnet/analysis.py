@@ -213,8 +213,7 @@ def head_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     handles = []
     for place, block in lhc_blocks(model):
         def hook(module: LHC, args: tuple, output: torch.Tensor, place: str = place) -> None:
-            attention, values = module._attention_and_values(args[0])
-            captured[place] = attention @ values                              # (B, n, C, r)
+            captured[place] = module.head_outputs(args[0])                   # (B, n, C, r)
         handles.append(block.register_forward_hook(hook))
     try:
         model.eval()(x)

@@ -81,11 +81,11 @@ _LOGIT_SPREAD = 40.0
 
 
 def _attention_chunk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) over the last axis, (G, C, d) x (G, C, d) -> (G, C, C), logits floored at
-    the row max - 40 (no denormal weights; see ``channel_attention``)."""
+    """softmax(q k^T) over the last axis, (G, C, d) x (G, C, d) -> (G, C, C), with the logits
+    floored at their row's max - 40 (no denormal weights; see ``channel_attention``)."""
     scores = torch.bmm(q, k.transpose(1, 2))
-    scores = scores.clamp_(min=scores.amax(dim=-1, keepdim=True) - _LOGIT_SPREAD)
-    return torch.softmax(scores, dim=-1)
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).clamp_(min=-_LOGIT_SPREAD).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 class _ChannelAttention(torch.autograd.Function):
@@ -146,7 +146,7 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return _ChannelAttention.apply(q, k, v, chunk)
 
 
-_CHUNK_BYTES = 256 * 1024  # one chunk's C x C map: well inside a 1 MB L2 cache
+_CHUNK_BYTES = 512 * 1024  # one chunk's C x C map: half of a 1 MB L2 cache (measured best of 128 KB-64 MB)
 
 
 class LHC(nn.Module):
@@ -257,7 +257,7 @@ class LHC(nn.Module):
             qk = torch.baddbmm(self.qk_bias.to(dtype).unsqueeze(1), qk.to(dtype).reshape(n, 2 * b * c, -1),
                                self.qk_weight.to(dtype))                   # (n, 2BC, d)
             qk = qk.reshape(n, 2, b, c, self.embed_dim).permute(1, 2, 0, 3, 4)  # (2, B, n, C, d)
-            q, k = qk[0], qk[1]                                              # (B, n, C, d)  eqs. (7)-(10)
+            q, k = qk.unbind(0)                                              # (B, n, C, d)  eqs. (7)-(10)
             # eq. (12) m_i = mean_j S_ij = q_i . mean_j k_j (S is linear in k): a (C, d) product, not a
             # mean over the (C, C) scores, which dominate the block's cost on deep, wide maps.
             m = (q @ k.mean(dim=-2).unsqueeze(-1)).squeeze(-1)               # (B, n, C)     eq. (12)
