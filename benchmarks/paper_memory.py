@@ -5,10 +5,11 @@
 Runs the real ``train()`` on stage 4 of the paper recipe (LHC-Net at 224 px, batch 64, the
 acceptance rule's unaugmented pass over the training images) with every loader cut to
 ``--batches`` batches, starting from a random ResNet34v2 file (the weights do not change the
-memory). Prints the peak RSS (VmHWM) at three points: after loading the data, just before the
-first training step (the data side: 224-px training set, loaders, the acceptance rule's first
-pass) and at the end (plus the activations of a batch-64 training step at 224 px, which on a GPU
-live in device memory).
+memory). Prints the peak RSS (VmHWM) at four points: after loading the data; when the first
+batch is drawn (the stage's three loaders and the 224-px training set built, nothing run through
+a model yet: the host memory of the data); before the first training step (plus the acceptance
+rule's first pass, batch 128, no gradients); at the end (plus the activations of batch-64
+training steps at 224 px). On a GPU the activations live in device memory.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from lhcnet.data import BatchLoader, load_dataset
 from lhcnet.models import create_model, save_model
@@ -38,8 +41,13 @@ def cap_batches(batches: int) -> None:
     """Every ``BatchLoader`` yields at most ``batches`` batches; report the peak before training."""
     iterate, length = BatchLoader.__iter__, BatchLoader.__len__
 
+    first = []
+
     def capped(self):
         for step, batch in enumerate(iterate(self)):
+            if not first:
+                first.append(True)
+                print(f"peak RSS when the first batch is drawn: {peak_rss_gb():.2f} GB", flush=True)
             if step == batches:
                 return
             if step == 0 and self.shuffle:  # the training loader's first batch
@@ -55,7 +63,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="fer2013.csv.gz (or its cache)")
     parser.add_argument("--batches", type=int, default=2, help="batches per loader (default 2)")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-core VM)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     started = time.time()
     dataset = load_dataset(args.data, labels="fer2013")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lhcnet.data import (AugmentConfig, BatchLoader, FaceDataset, augment, paper_jpeg,
+from lhcnet.data import (AugmentConfig, BatchLoader, FaceDataset, augment, jpeg_roundtrip, paper_jpeg,
                          to_model_input)
 from lhcnet.data.placement import check_room_for_images, fits_on_device
 
@@ -175,12 +175,15 @@ def test_paper_scale_set_is_refused_before_training_when_memory_is_short(monkeyp
 
 
 def test_paper_jpeg_fills_a_given_tensor_block_by_block():
-    images = _dataset(3).images
-    out = torch.zeros((3, 64, 64), dtype=torch.uint8)
-    assert paper_jpeg(images, 64, out=out) is out
-    np.testing.assert_array_equal(out.numpy(), paper_jpeg(images, 64))
+    images = _dataset(130).images  # more than one block of 128
+    out = torch.zeros((130, 32, 32), dtype=torch.uint8)
+    assert paper_jpeg(images, 32, out=out) is out
+    expected = np.stack([jpeg_roundtrip(np.floor(to_model_input(torch.from_numpy(images[i:i + 1]), 32)[0, 0]
+                                                 .numpy()).astype(np.uint8)) for i in (0, 127, 128, 129)])
+    np.testing.assert_array_equal(out.numpy()[[0, 127, 128, 129]], expected)  # one image at a time
+    np.testing.assert_array_equal(out.numpy(), paper_jpeg(images, 32))
     with pytest.raises(ValueError, match="out has shape"):
-        paper_jpeg(images, 64, out=torch.zeros((3, 48, 48), dtype=torch.uint8))
+        paper_jpeg(images, 32, out=torch.zeros((130, 48, 48), dtype=torch.uint8))
 
 
 def test_bad_arguments():

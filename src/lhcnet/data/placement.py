@@ -23,7 +23,7 @@ __all__ = ["DEVICE_SHARE", "fits_on_device", "place_images", "available_host_mem
            "check_room_for_images"]
 
 DEVICE_SHARE = 0.25  # the rest of a GPU's free memory is for the model, activations, optimizer
-CONVERSION_HEADROOM = 256 * 2 ** 20  # paper_jpeg's working memory (a block of 512 float images)
+CONVERSION_HEADROOM = 256 * 2 ** 20  # paper_jpeg's working memory (a block of 128 float images) and more
 
 
 def fits_on_device(nbytes: int, device: str | torch.device) -> bool:

@@ -92,10 +92,11 @@ def paper_jpeg(images: np.ndarray, size: int, quality: int = 100, workers: int |
     if tuple(out.shape) != (len(images), size, size):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(len(images), size, size)}")
     workers = workers or min(8, os.cpu_count() or 1)
+    chunk = 128  # 128 float images at 224 px: 26 MB of working memory next to the 1.44 GB result
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(images), 512):
-            x = resize(torch.as_tensor(np.asarray(images[start:start + 512])), size)[:, 0]
-            floored = x.floor().clamp(0, 255).to(torch.uint8).numpy()
+        for start in range(0, len(images), chunk):
+            x = resize(torch.as_tensor(np.asarray(images[start:start + chunk])), size)[:, 0]
+            floored = x.floor_().clamp_(0, 255).to(torch.uint8).numpy()
             block = np.stack(list(pool.map(lambda a: jpeg_roundtrip(a, quality), floored)))
             out[start:start + len(block)] = torch.from_numpy(block) if isinstance(out, torch.Tensor) else block
     return out
