@@ -30,11 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DEFAULT_THREADS = torch.get_num_threads()  # tests/conftest.py (imported below) sets 1
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from lhc_previous import previous_forward, previous_implementation  # noqa: E402
 
+from predict_helpers import synthetic_faces  # noqa: E402
+
 from lhcnet import create_model  # noqa: E402
-from lhcnet.models import lhc_blocks  # noqa: E402
+from lhcnet.data import to_model_input  # noqa: E402
+from lhcnet.models import lhc_blocks, load_model  # noqa: E402
+from lhcnet.predict import bundled_model_path  # noqa: E402
 from lhcnet.summary import summarize  # noqa: E402
 
 Step = Callable[[], None]
@@ -46,7 +51,8 @@ def load() -> str:
 
 
 def interleaved(variants: dict[str, Step], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each variant; one warm-up call each, then round-robin."""
+    """Fastest of ``rounds`` calls of each variant (the call least disturbed by other jobs on a
+    shared machine), after one warm-up call each; the variants take turns."""
     for step in variants.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -55,19 +61,34 @@ def interleaved(variants: dict[str, Step], rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def model_steps(name: str, batch: int, train: bool, bf16: bool, channels_last: bool) -> dict[str, Step]:
-    """host / LHC-Net / LHC-Net (previous LHC) steps on the same input."""
+def models(name: str, trained: bool) -> tuple[nn.Module, nn.Module]:
+    """(host, LHC-Net): random initialisation, or the bundled LHC-Net and its own backbone."""
     torch.manual_seed(0)
     host, lhc = create_model(name.removeprefix("lhcnet_")), create_model(name)
+    if trained:
+        lhc = load_model(bundled_model_path()).float()
+        host.load_state_dict({k: v for k, v in lhc.state_dict().items() if not k.startswith("lhc.")})
+    return host, lhc
+
+
+def faces(batch: int, size: int) -> torch.Tensor:
+    """Synthetic cartoon faces (tests/predict_helpers.py), as the model's input."""
+    return to_model_input(torch.from_numpy(synthetic_faces(batch, 48)), size)
+
+
+def model_steps(name: str, batch: int, train: bool, bf16: bool, channels_last: bool,
+                trained: bool = False) -> dict[str, Step]:
+    """host / LHC-Net / LHC-Net (previous LHC) steps on the same input."""
+    host, lhc = models(name, trained)
     size = lhc.input_size
-    x = torch.rand(batch, 3, size, size) * 255
+    x = faces(batch, size)
     y = torch.randint(0, 7, (batch,))
     if channels_last:
         host, lhc = (m.to(memory_format=torch.channels_last) for m in (host, lhc))
@@ -103,12 +124,14 @@ def flop_ratio(name: str) -> float:
 
 def whole_models(only: str, rounds: int) -> None:
     rows = [("compact", "lhcnet_resnet18v2_48", 64, True, True, True, "train, bf16 + channels-last"),
+            ("compact", "lhcnet_resnet18v2_48", 64, True, True, True, "train, bf16 + CL, trained weights"),
             ("compact", "lhcnet_resnet18v2_48", 64, True, False, False, "train, fp32"),
             ("compact", "lhcnet_resnet18v2_48", 64, False, False, False, "inference, fp32"),
             ("compact", "lhcnet_resnet18v2_48", 64, False, True, True, "inference, bf16 + channels-last"),
             ("paper", "lhcnet_resnet34v2", 16, True, False, False, "train, fp32"),
             ("paper", "lhcnet_resnet34v2", 64, False, False, False, "inference, fp32")]
-    print(f"\n1. whole models, median of {rounds} interleaved steps (seconds)")
+    print(f"\n1. whole models, fastest of {rounds} interleaved steps (seconds); 'trained weights': the "
+          "bundled LHC-Net and its backbone")
     print(f"{'model':<22}{'batch':>6}  {'what':<32}{'host':>8}{'LHC-Net':>9}{'prev.':>8}"
           f"{'ratio':>7}{'prev. ratio':>12}{'FLOP ratio':>11}")
     flops: dict[str, float] = {}
@@ -116,17 +139,17 @@ def whole_models(only: str, rounds: int) -> None:
         if only and family != only:
             continue
         flops.setdefault(name, flop_ratio(name))
-        t = interleaved(model_steps(name, batch, train, bf16, cl), rounds)
+        t = interleaved(model_steps(name, batch, train, bf16, cl, "trained" in what), rounds)
         host, new, old = t["host"], t["LHC-Net"], t["LHC-Net (previous LHC)"]
         print(f"{name:<22}{batch:>6}  {what:<32}{host:8.3f}{new:9.3f}{old:8.3f}"
               f"{new / host:7.2f}{old / host:12.2f}{flops[name]:11.2f}", flush=True)
 
 
-def block_inputs(name: str, batch: int, bf16: bool) -> tuple[nn.Module, list[tuple[str, nn.Module, torch.Tensor]]]:
+def block_inputs(name: str, batch: int, bf16: bool, trained: bool = False
+                 ) -> tuple[nn.Module, list[tuple[str, nn.Module, torch.Tensor]]]:
     """Every LHC block with the input its model gives it (training mode, synthetic faces)."""
-    torch.manual_seed(0)
-    model = create_model(name).train()
-    x = torch.rand(batch, 3, model.input_size, model.input_size) * 255
+    model = models(name, trained)[1].train()
+    x = faces(batch, model.input_size)
     if bf16:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     captured = []
@@ -152,22 +175,24 @@ def block_step(block: nn.Module, x: torch.Tensor, bf16: bool, forward: Callable 
 
 
 def per_block(only: str, rounds: int) -> None:
-    print(f"\n2. every LHC block, forward + backward on its model's feature map, median of {rounds} (ms)")
-    print(f"{'model':<22}{'block':<8}{'input':<22}{'new':>8}{'previous':>10}{'speed-up':>10}")
-    for family, name, batch, bf16 in (("compact", "lhcnet_resnet18v2_48", 64, True),
-                                      ("paper", "lhcnet_resnet34v2", 16, False)):
+    print(f"\n2. every LHC block, forward + backward on its model's feature map, fastest of {rounds} (ms)")
+    print(f"{'model':<30}{'block':<8}{'input':<22}{'new':>8}{'previous':>10}{'speed-up':>10}")
+    for family, name, batch, bf16, trained in (("compact", "lhcnet_resnet18v2_48", 64, True, False),
+                                               ("compact", "lhcnet_resnet18v2_48", 64, True, True),
+                                               ("paper", "lhcnet_resnet34v2", 16, False, False)):
         if only and family != only:
             continue
-        _, inputs = block_inputs(name, batch, bf16)
+        _, inputs = block_inputs(name, batch, bf16, trained)
+        label = name + (" (trained)" if trained else "")
         total_new = total_old = 0.0
         for place, block, x in inputs:
             t = interleaved({"new": block_step(block, x, bf16),
                              "previous": block_step(block, x, bf16, previous_forward)}, rounds)
             total_new, total_old = total_new + t["new"], total_old + t["previous"]
             shape = f"{tuple(x.shape[1:])} {'bf16 CL' if bf16 else 'fp32'}"
-            print(f"{name:<22}{place:<8}{shape:<22}{1000 * t['new']:8.1f}{1000 * t['previous']:10.1f}"
+            print(f"{label:<30}{place:<8}{shape:<22}{1000 * t['new']:8.1f}{1000 * t['previous']:10.1f}"
                   f"{t['previous'] / t['new']:10.2f}")
-        print(f"{name:<22}{'all':<8}{'':<22}{1000 * total_new:8.1f}{1000 * total_old:10.1f}"
+        print(f"{label:<30}{'all':<8}{'':<22}{1000 * total_new:8.1f}{1000 * total_old:10.1f}"
               f"{total_old / total_new:10.2f}", flush=True)
 
 
@@ -198,7 +223,7 @@ def compiled(rounds: int) -> None:
     torch.manual_seed(0)
     try:
         model = torch.compile(create_model("lhcnet_resnet18v2_48").to(memory_format=torch.channels_last))
-        x = (torch.rand(64, 3, 48, 48) * 255).contiguous(memory_format=torch.channels_last)
+        x = faces(64, 48).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 7, (64,))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
@@ -228,8 +253,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; start: {load()}")
     whole_models(args.only, args.rounds)
     if not args.skip_blocks:

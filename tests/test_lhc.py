@@ -197,9 +197,12 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 10**9])  # one head per chunk; all heads in one
-def test_channel_attention_forward_and_backward_match_autograd(monkeypatch, chunk_bytes: int) -> None:
+@pytest.mark.parametrize("store_bytes", [0, 10**9])  # maps recomputed in the backward; stored
+def test_channel_attention_forward_and_backward_match_autograd(monkeypatch, chunk_bytes: int,
+                                                                store_bytes: int) -> None:
     """The hand-written backward against autograd through the plain chain (float64), and gradcheck."""
     monkeypatch.setattr(lhc_module, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(lhc_module, "_STORE_BYTES", store_bytes)
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64).transpose(-1, -2).requires_grad_()

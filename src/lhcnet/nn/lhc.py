@@ -80,47 +80,52 @@ def max_pool_same(x: torch.Tensor, size: int) -> torch.Tensor:
 _LOGIT_SPREAD = 40.0
 
 
-def _attention_chunk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) over the last axis, (G, C, d) x (G, C, d) -> (G, C, C), with the logits
-    floored at their row's max - 40 (no denormal weights; see ``channel_attention``)."""
-    scores = torch.bmm(q, k.transpose(1, 2))
+def _attention_chunk(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T) over the last axis, (G, C, d) x (G, C, d) -> (G, C, C) (into ``out`` if
+    given), with the logits floored at their row's max - 40 (no denormal weights; see
+    ``channel_attention``)."""
+    scores = torch.bmm(q, k.transpose(1, 2), out=out)
     scores.sub_(scores.amax(dim=-1, keepdim=True)).clamp_(min=-_LOGIT_SPREAD).exp_()
     return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 class _ChannelAttention(torch.autograd.Function):
-    """``softmax(q k^T) v`` in chunks of heads that keep the C x C maps in cache; nothing of size
-    C x C is stored for the backward pass, which recomputes each chunk's map (as flash attention does)."""
+    """``softmax(q k^T) v`` in chunks of heads that keep the C x C maps in cache. The backward
+    pass recomputes each chunk's map (as flash attention does) when all maps together exceed
+    ``_STORE_BYTES``, and reads them back otherwise."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, store: bool) -> torch.Tensor:
         ctx.shapes = q.shape, k.shape, v.shape
         lead, c, r = q.shape[:-2], q.shape[-2], v.shape[-1]
         q, k, v = q.reshape(-1, c, q.shape[-1]), k.reshape(-1, c, k.shape[-1]), v.reshape(-1, c, r)
         out = torch.empty(q.shape[0], c, r, dtype=q.dtype, device=q.device)
+        maps = torch.empty(q.shape[0], c, c, dtype=q.dtype, device=q.device) if store else None
         for i in range(0, q.shape[0], chunk):
             part = slice(i, i + chunk)
-            torch.bmm(_attention_chunk(q[part], k[part]), v[part], out=out[part])
-        ctx.save_for_backward(q, k, v, out)
+            attn = _attention_chunk(q[part], k[part], None if maps is None else maps[part])
+            torch.bmm(attn, v[part], out=out[part])
+        ctx.save_for_backward(q, k, v, out, maps)
         ctx.chunk = chunk
         return out.reshape(*lead, c, r)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, out = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v, out, maps = ctx.saved_tensors
         grad_out = grad_out.reshape(out.shape)
         # softmax backward: dS = A * (dA - rowsum(dA * A)), and rowsum(dA * A) = rowsum(dO * O).
         row_dot = (grad_out * out).sum(dim=-1, keepdim=True)                   # (G, C, 1)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # contiguous gradients: bmm(out=) into a strided view (v of a channels-last map) copies per chunk
+        grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         for i in range(0, q.shape[0], ctx.chunk):
             part = slice(i, i + ctx.chunk)
-            attn = _attention_chunk(q[part], k[part])                          # (g, C, C)
+            attn = _attention_chunk(q[part], k[part]) if maps is None else maps[part]  # (g, C, C)
             grad_scores = torch.bmm(grad_out[part], v[part].transpose(1, 2)).sub_(row_dot[part]).mul_(attn)
             torch.bmm(grad_scores, k[part], out=grad_q[part])
             torch.bmm(grad_scores.transpose(1, 2), q[part], out=grad_k[part])
             torch.bmm(attn.transpose(1, 2), grad_out[part], out=grad_v[part])
         q_shape, k_shape, v_shape = ctx.shapes
-        return grad_q.reshape(q_shape), grad_k.reshape(k_shape), grad_v.reshape(v_shape), None
+        return grad_q.reshape(q_shape), grad_k.reshape(k_shape), grad_v.reshape(v_shape), None, None
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -128,9 +133,9 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
     The scale of eq. (14) is already in ``q``. Two things make this faster than the three-op
     chain, with the same numbers:
-    - the heads are processed in chunks whose C x C maps fit in the L2 cache, and the backward
-      pass recomputes a chunk's map instead of storing all of them (a compact LHC-Net's stage-3
-      maps are 57 MB per batch of 64);
+    - the heads are processed in chunks whose C x C maps fit in the L2 cache, and when the maps
+      of all heads are large (a compact LHC-Net's stage-3 maps are 57 MB per batch of 64) the
+      backward pass recomputes a chunk's map instead of storing them all;
     - logits more than 40 below their row's maximum are raised to max - 40 before the softmax.
       Sharp rows (trained blocks: up to 4 % of the weights) otherwise hold denormal weights
       (< 1.2e-38), and every multiply with a denormal costs ~100 cycles on x86: the matrix
@@ -141,11 +146,13 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-    c = q.shape[-2]
-    chunk = max(1, _CHUNK_BYTES // (c * c * q.element_size()))
-    return _ChannelAttention.apply(q, k, v, chunk)
+    c, map_bytes = q.shape[-2], q.shape[-2] ** 2 * q.element_size()
+    chunk = max(1, _CHUNK_BYTES // map_bytes)
+    store = torch.is_grad_enabled() and q.numel() // (c * q.shape[-1]) * map_bytes <= _STORE_BYTES
+    return _ChannelAttention.apply(q, k, v, chunk, store)
 
 
+_STORE_BYTES = 8 * 2**20  # all maps at most this large: stored for the backward (stem, stage 1), not recomputed
 _CHUNK_BYTES = 512 * 1024  # one chunk's C x C map: half of a 1 MB L2 cache (measured best of 128 KB-64 MB)
 
 
