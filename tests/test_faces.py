@@ -139,7 +139,7 @@ def test_min_face_and_score_threshold() -> None:
     assert len(make_detector("yunet", min_face=40, threshold=0.5).detect(small)) == 0
 
 
-def test_image_smaller_than_the_smallest_face_is_a_clear_error(yunet, detector) -> None:
+def test_image_smaller_than_the_smallest_face_is_a_clear_error(yunet) -> None:
     for shape in ((1, 1, 3), (1, 30, 3), (30, 1, 3), (1, 2, 3), (20, 300, 3)):
         with pytest.raises(InputError, match=r"smaller than the smallest face searched for .*--whole-image"):
             yunet.detect(np.zeros(shape, np.uint8))
@@ -224,9 +224,12 @@ def test_cascade_ships_with_opencv_4() -> None:
 
 
 @pytest.mark.skipif(OPENCV_MAJOR < 5, reason="OpenCV 4 ships the cascade")
-def test_opencv_5_names_the_missing_cascade() -> None:
-    with pytest.raises(FileNotFoundError, match=rf"{CASCADE_FILE} is missing.*--detector yunet"):
-        HaarDetector()
+def test_opencv_5_names_the_missing_cascade(tmp_path) -> None:
+    for path in (None, tmp_path / "own.xml"):
+        with pytest.raises(FileNotFoundError, match=rf"no Haar cascades .*{CASCADE_FILE}.*--detector yunet"):
+            HaarDetector(path=path)
+    with pytest.raises(FileNotFoundError, match="removed in OpenCV 5"):
+        make_detector("haar")
 
 
 @requires_haar
@@ -256,6 +259,7 @@ def test_faces_below_the_minimum_size_are_ignored(detector) -> None:
     assert len(HaarDetector(min_size=30)(small)) == 1
 
 
+@requires_haar
 def test_missing_cascade_is_a_clear_error(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(faces_module.cv2.data, "haarcascades", str(tmp_path) + "/")
     with pytest.raises(FileNotFoundError, match=rf"Haar cascade {CASCADE_FILE} is missing .*"

@@ -359,14 +359,23 @@ def test_out_folder_in_use_is_refused(model_file, tmp_path, capsys) -> None:
     with ResultWriter(out, CLASSES_FER2013):         # another predict writing there
         code, _, err = _run(capsys, "predict", PHOTO, "--model", model_file, "--out", out)
         assert code == 2 and f"{out}: in use by PID {os.getpid()}" in err and len(err.splitlines()) == 1
-    assert not (out / LOCK_NAME).exists()            # released by close
-    # a lock left by a killed run (its PID no longer running) is taken over
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert [p.name for p in out.iterdir()] != []      # (its tables)
+    # held by another process: refused, naming it; once that process is gone (killed), free
     out2 = tmp_path / "out2"
     out2.mkdir()
-    (out2 / LOCK_NAME).write_text(dead.stdout)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print('locked', flush=True);"
+         " time.sleep(60)", str(out2 / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = _run(capsys, "predict", PHOTO, "--model", model_file, "--out", out2)
+        assert code == 2 and f"in use by PID {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
     code, _, _ = _run(capsys, "predict", PHOTO, "--model", model_file, "--out", out2)
-    assert code == 0 and (out2 / "predictions.json").is_file() and not (out2 / LOCK_NAME).exists()
+    assert code == 0 and (out2 / "predictions.json").is_file()
 
 
 @pytest.mark.slow  # two processes importing torch: ~10 s on an idle machine; part of the default run

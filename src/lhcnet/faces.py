@@ -163,11 +163,20 @@ class YuNetDetector:
         path = Path(path) if path is not None else yunet_path()
         if not path.is_file():
             raise FileNotFoundError(f"YuNet model file not found: {path}")
+        # OpenCV 5 warns on stderr that its new DNN engine ignores targets; older ones have no
+        # cv2.utils.logging (and no such warning).
+        logging = getattr(cv2.utils, "logging", None)
+        level = logging.getLogLevel() if logging else None
+        if logging:
+            logging.setLogLevel(logging.LOG_LEVEL_ERROR)
         try:
             self.net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold,
                                                  nms_threshold, top_k)
         except cv2.error:
             raise ValueError(f"{path}: not a YuNet ONNX model OpenCV {cv2.__version__} can load") from None
+        finally:
+            if logging:
+                logging.setLogLevel(level)
         self.score_threshold, self.min_face = score_threshold, min_face
 
     def _run(self, bgr: np.ndarray) -> Detections:
@@ -233,16 +242,26 @@ def _to_bgr(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if image.ndim == 2 else cv2.COLOR_RGB2BGR)
 
 
+_OPENCV_4_FIX = ("Use the default YuNet detector (--detector yunet), or install an OpenCV 4 wheel: "
+                "pip install 'opencv-python-headless>=4.10,<5'")
+
+
+def _require_cascades() -> None:
+    """``FileNotFoundError`` if this OpenCV cannot run Haar cascades at all (OpenCV 5)."""
+    if not hasattr(cv2, "CascadeClassifier"):
+        raise FileNotFoundError(f"OpenCV {cv2.__version__} has no Haar cascades (cv2.CascadeClassifier "
+                                f"and {CASCADE_FILE} were removed in OpenCV 5). {_OPENCV_4_FIX}")
+
+
 def cascade_path() -> Path:
     """OpenCV's frontal-face cascade file; ``FileNotFoundError`` naming it if it is missing."""
+    _require_cascades()
     folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
     path = Path(folder or "") / CASCADE_FILE
     if folder is None or not path.is_file():
         raise FileNotFoundError(
             f"OpenCV's Haar cascade {CASCADE_FILE} is missing (looked in {folder or 'cv2.data'}; "
-            f"OpenCV {cv2.__version__}: OpenCV 5 wheels no longer ship it). Use the default YuNet "
-            "detector (--detector yunet), or install an OpenCV 4 wheel: "
-            "pip install 'opencv-python-headless>=4.10,<5'")
+            f"OpenCV {cv2.__version__}: OpenCV 5 wheels no longer ship it). {_OPENCV_4_FIX}")
     return path
 
 
@@ -267,6 +286,7 @@ class HaarDetector:
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = FER_SIZE,
                  min_fraction: float = 0.05, path: str | os.PathLike | None = None) -> None:
+        _require_cascades()
         path = Path(path) if path is not None else cascade_path()
         if not path.is_file():
             raise FileNotFoundError(f"Haar cascade file not found: {path}")

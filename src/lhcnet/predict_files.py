@@ -11,7 +11,8 @@ timeline plot per video) and the ``predictions.csv`` / ``predictions.json`` tabl
 A record: ``{"source": path, "frame": index (videos only), "faces": [face, ...],
 "error": message (failures only), "annotated": path (with a ResultWriter)}``.
 
-An output folder is used by one ``ResultWriter`` at a time (a lock file naming the PID) and is
+An output folder is used by one ``ResultWriter`` at a time (an flock on a lock file naming the
+PID; POSIX only) and is
 refused if it holds anything already, unless ``overwrite``: then the files the previous run
 listed in its manifest are removed first. Every file appears complete or not at all.
 """
@@ -30,6 +31,11 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: output folders are not locked
+    fcntl = None
 
 from .faces import FER_SIZE, Detections
 from .files import atomic_write_bytes, atomic_write_text
@@ -192,22 +198,12 @@ def table_rows(record: dict[str, Any], classes: Sequence[str]) -> list[list[Any]
             for i, face in enumerate(record["faces"], start=1)]
 
 
-LOCK_NAME = ".lhcnet-predict.lock"       # PID of the run writing the folder
+LOCK_NAME = ".lhcnet-predict.lock"       # flock'ed by the run writing the folder; holds its PID
 MANIFEST_NAME = ".lhcnet-predict-files"  # the files that run wrote, one relative path a line
 
 
 class OutputInUse(ValueError):
     """The output folder is being written by another running ``lhcnet predict``."""
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @dataclass
@@ -248,31 +244,28 @@ class ResultWriter:
             raise
 
     def _take_lock(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self._lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                try:
-                    pid = int(self._lock.read_text(encoding="ascii").strip() or 0)
-                except (OSError, ValueError, UnicodeDecodeError):
-                    pid = 0
-                if pid > 0 and _running(pid):
-                    raise OutputInUse(
-                        f"{self.out}: in use by PID {pid} (another lhcnet predict is writing there); "
-                        "wait for it to finish or choose another --out") from None
-                self._lock.unlink(missing_ok=True)  # left behind by a killed run
-                continue
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(f"{os.getpid()}\n")
+        """An exclusive ``flock`` on the lock file: the kernel drops it when the process ends,
+        however it ends, so a killed run leaves no stale lock (the file itself stays)."""
+        self._lock_fd: int | None = None
+        if fcntl is None:
             return
-        raise OutputInUse(f"{self.out}: another lhcnet predict took the folder at the same moment")
+        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise OutputInUse(f"{self.out}: in use by PID {holder} (another lhcnet predict is writing "
+                              "there); wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
 
     def _release_lock(self) -> None:
-        try:
-            if self._lock.read_text(encoding="ascii").strip() == str(os.getpid()):
-                self._lock.unlink()
-        except OSError:
-            pass
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _clear_previous(self, overwrite: bool) -> None:
         present = sorted(p.name for p in self.out.iterdir() if p.name != LOCK_NAME)

@@ -6,6 +6,13 @@ The block is applied to that sub-module's output through a forward hook, so the 
 parameter names do not change: a trained backbone's ``state_dict`` loads into the LHC model by
 name, with only the new ``lhc.*`` entries missing (the paper's stage-4 handover).
 
+The placement is public: ``lhc_blocks(model)`` lists the blocks in forward order,
+``replace_lhc_block(model, place, module)`` puts any same-shape module in a block's place (e.g. a
+de-trained copy) and ``switch_off_lhc(model, places)`` puts ``nn.Identity`` there; both return
+what they took out, so ``replace_lhc_block`` puts it back. The blocks live in ``model.lhc`` (a
+``ModuleDict`` keyed by place, dots as underscores) and every hooked sub-module says in
+``print(model)`` which block runs on its output.
+
 LHC-Net (paper §3, ``docs/lhc-spec.md`` §2) is ResNet34v2 with five blocks: after the stem and
 after the last unit of each stage. LHC-NetC (spec §4) is the same with a trainable controller per
 block: ``y = x + (1 + tanh w_i) O_i``, w initialised to [0, 0, 0, -1, -0.5].
@@ -14,14 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..nn.lhc import LHC
 
-__all__ = ["LHCBlock", "insert_lhc", "lhc_blocks", "gate_parameters", "freeze_except_gates",
-           "PAPER_BLOCKS", "PAPER_GATES"]
+__all__ = ["LHCBlock", "insert_lhc", "lhc_blocks", "replace_lhc_block", "switch_off_lhc",
+           "gate_parameters", "freeze_except_gates", "PAPER_BLOCKS", "PAPER_GATES"]
 
 
 @dataclass(frozen=True)
@@ -37,10 +45,10 @@ class LHCBlock:
     kernel_size: int = 3
     scale_c: float = 1.0
 
-    def build(self, gate_init: float | None = None) -> LHC:
+    def build(self, gate_init: float | None = None, **options: Any) -> LHC:
         settings = asdict(self)
         settings.pop("place")
-        return LHC(**settings, gate_init=gate_init)
+        return LHC(**settings, gate_init=gate_init, **options)
 
 
 # The paper's five blocks on ResNet34v2 at 224x224 (spec §2, from Settings/LHC_Settings.json).
@@ -59,17 +67,38 @@ def _key(place: str) -> str:
     return place.replace(".", "_")
 
 
-def _apply_lhc(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: replace the hooked sub-module's output by its LHC block's output."""
-    return module.__dict__["_lhc_block"](output)
+class _ApplyLHC:
+    """Forward hook of a hooked sub-module: its output goes through ``container[key]``.
+
+    It holds the container, not the block, so replacing ``model.lhc[key]`` takes effect at once;
+    ``copy.deepcopy`` of the model copies the hook with the container it points to."""
+
+    def __init__(self, container: nn.ModuleDict, key: str) -> None:
+        self.container, self.key = container, key
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.container[self.key](output)
+
+
+class _NoteLHC:
+    """``extra_repr`` of a hooked sub-module: its own, then the LHC block that runs on its output."""
+
+    def __init__(self, module: nn.Module, key: str) -> None:
+        self.module, self.key = module, key
+
+    def __call__(self) -> str:
+        own = type(self.module).extra_repr(self.module)
+        note = f"(output -> lhc[{self.key!r}])"
+        return f"{own}\n{note}" if own else note
 
 
 def insert_lhc(backbone: nn.Module, blocks: Sequence[LHCBlock],
-               gates: Sequence[float] | None = None) -> nn.Module:
+               gates: Sequence[float] | None = None, **lhc_options: Any) -> nn.Module:
     """Put LHC blocks after the named sub-modules of ``backbone`` (in place; returns it).
 
     The blocks are registered as ``backbone.lhc[<place>]``; ``gates`` (one initial w per block)
-    builds LHC-NetC's controlled blocks instead of plain ones.
+    builds LHC-NetC's controlled blocks instead of plain ones. ``lhc_options`` go to every
+    block's ``LHC`` constructor (e.g. ``layer_scale_init``).
     """
     if gates is not None and len(gates) != len(blocks):
         raise ValueError(f"got {len(gates)} gate values for {len(blocks)} LHC blocks")
@@ -82,30 +111,52 @@ def insert_lhc(backbone: nn.Module, blocks: Sequence[LHCBlock],
             options = [name for name, _ in backbone.named_children()]
             raise ValueError(f"no sub-module named {block.place!r} to put an LHC block after; "
                              f"top-level places are {options}")
-        if _key(block.place) in container:
+        key = _key(block.place)
+        if key in container:
             raise ValueError(f"two LHC blocks at the same place {block.place!r}")
-        lhc = block.build(None if gates is None else gates[i])
-        container[_key(block.place)] = lhc
+        container[key] = block.build(None if gates is None else gates[i], **lhc_options)
         target = modules[block.place]
-        # A plain (unregistered) reference: copy.deepcopy keeps it pointing at the copied block.
-        target.__dict__["_lhc_block"] = lhc
-        target.register_forward_hook(_apply_lhc)
+        target.register_forward_hook(_ApplyLHC(container, key))
+        target.extra_repr = _NoteLHC(target, key)
     backbone.lhc = container
     backbone.lhc_blocks = tuple(blocks)
     return backbone
 
 
-def lhc_blocks(model: nn.Module) -> list[tuple[str, LHC]]:
-    """The model's LHC blocks in forward order, as (place, module) pairs."""
+def lhc_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's LHC blocks in forward order, as (place, module) pairs (an ``LHC``, or what
+    ``replace_lhc_block``/``switch_off_lhc`` put there)."""
     container = getattr(model, "lhc", None)
     if container is None:
         return []
     return [(block.place, container[_key(block.place)]) for block in model.lhc_blocks]
 
 
+def replace_lhc_block(model: nn.Module, place: str, module: nn.Module) -> nn.Module:
+    """Run ``module`` instead of the LHC block at ``place``; returns the module that was there.
+
+    ``module`` maps the hooked feature map (B, C, H, W) to one of the same shape."""
+    places = [p for p, _ in lhc_blocks(model)]
+    if place not in places:
+        raise ValueError(f"no LHC block at {place!r}; this model's blocks are at {places}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"an LHC block must be an nn.Module, got {type(module).__name__}")
+    previous = model.lhc[_key(place)]
+    model.lhc[_key(place)] = module
+    return previous
+
+
+def switch_off_lhc(model: nn.Module, places: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """Make the LHC blocks at ``places`` (default: all) return their input unchanged.
+
+    Returns {place: block taken out}; ``replace_lhc_block`` puts a block back."""
+    chosen = [p for p, _ in lhc_blocks(model)] if places is None else list(places)
+    return {place: replace_lhc_block(model, place, nn.Identity()) for place in chosen}
+
+
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     """LHC-NetC's controller weights w_i, in block order."""
-    return [lhc.gate for _, lhc in lhc_blocks(model) if lhc.gate is not None]
+    return [lhc.gate for _, lhc in lhc_blocks(model) if getattr(lhc, "gate", None) is not None]
 
 
 def freeze_except_gates(model: nn.Module) -> list[nn.Parameter]:

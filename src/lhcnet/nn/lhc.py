@@ -169,6 +169,10 @@ class LHC(nn.Module):
         scale_c: C of eq. (14): scores are divided by d**(C + s) with s in (0, 1).
         gate_init: if given, LHC-NetC's controller w with this initial value:
             ``y = x + (1 + tanh w) * O``; if None (LHC-Net), ``y = x + O``.
+        layer_scale_init: if given (not the paper's), a learnable per-channel scale gamma of the
+            attention output with this initial value, ``y = x + gamma * O`` (LayerScale, Touvron
+            et al. 2021; ReZero at 0): at 0 the block starts as the identity and lets the
+            attention in as gamma grows. None (default): the paper's plain sum.
     """
 
     def __init__(
@@ -181,6 +185,7 @@ class LHC(nn.Module):
         kernel_size: int = 3,
         scale_c: float = 1.0,
         gate_init: float | None = None,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         height, width = _pair(resolution, "resolution")
@@ -212,10 +217,16 @@ class LHC(nn.Module):
             self.register_parameter("gate", None)
         else:
             self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
+        if self.layer_scale_init is None:
+            self.register_parameter("layer_scale", None)
+        else:
+            self.layer_scale = nn.Parameter(torch.empty(channels))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Keras defaults, as in the original: Glorot-uniform kernels, zero biases."""
+        """Keras defaults, as in the original: Glorot-uniform kernels, zero biases; the layer
+        scale (if any) back to its initial value. The gate is the controller's and is kept."""
         k2c = self.kernel_size ** 2 * self.channels
         _glorot_uniform_(self.value_conv.weight, k2c, k2c)
         nn.init.zeros_(self.value_conv.bias)
@@ -223,12 +234,15 @@ class LHC(nn.Module):
         nn.init.zeros_(self.qk_bias)
         _glorot_uniform_(self.scale_fc.weight, self.channels, self.channels)
         nn.init.zeros_(self.scale_fc.bias)
+        if self.layer_scale is not None:
+            nn.init.constant_(self.layer_scale, self.layer_scale_init)
 
     def extra_repr(self) -> str:
         gate = "" if self.gate is None else ", gated=True"
+        scale = "" if self.layer_scale is None else f", layer_scale_init={self.layer_scale_init:g}"
         return (f"{self.channels}, resolution=({self.height}, {self.width}), heads={self.heads}, "
                 f"embed_dim={self.embed_dim}, pool_size={self.pool_size}, "
-                f"kernel_size={self.kernel_size}, scale_c={self.scale_c:g}{gate}")
+                f"kernel_size={self.kernel_size}, scale_c={self.scale_c:g}{gate}{scale}")
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """eqs. (4)-(6): (B, C, H, W) -> (B, n, C, r); head i holds rows [i*H/n, (i+1)*H/n).
@@ -293,6 +307,8 @@ class LHC(nn.Module):
         out = out.to(x.dtype)
         if self.gate is not None:
             out = (1 + torch.tanh(self.gate)) * out                          # LHC-NetC controller
+        if self.layer_scale is not None:
+            out = out * self.layer_scale.to(out.dtype).view(-1, 1)           # (B, n, C, r)  gamma per channel
         # eq. (17) and the residual sum, read straight from the heads' layout into x's layout.
         b, c, h, w = x.shape
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
