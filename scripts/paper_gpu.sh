@@ -10,9 +10,10 @@
 # Run it again with the same arguments to continue a stopped run (--resume is added when OUT
 # holds one). Needs the converted ImageNet backbone: without it `lhcnet train` stops at once and
 # names the file to download and the `lhcnet convert-weights` command. Exit codes are those of
-# `lhcnet train`; 4: stage 4 was rejected by the acceptance rule (the paper trains stage 4 again:
-# `lhcnet train --recipe recipes/paper.toml --seed N ...` in a new OUT); running this script
-# again instead continues with stage C from the rejected stage-4 model.
+# `lhcnet train`; 4: stage 4 was rejected by the acceptance rule (the paper trains stage 4 again
+# from the same ResNet: a recipe of stages 4 and C with `from = "OUT/stage3-best.safetensors"`
+# and another seed in stage 4); running this script again instead continues with stage C from
+# the rejected stage-4 model.
 set -euo pipefail
 
 usage="usage: [NPROC=N] scripts/paper_gpu.sh DATA OUT [lhcnet train options...]"
