@@ -305,3 +305,27 @@ def test_bundled_model_logits_equal_the_previous_implementation_on_fer2013_faces
             old = model(x)
     assert (new - old).abs().max().item() <= 1e-4
     assert (new.argmax(1) == old.argmax(1)).all()
+
+
+def test_layer_scale_zero_gradients_reach_the_scale_first_then_the_attention() -> None:
+    """At gamma = 0 the block is the identity: only gamma gets a gradient at step 0 (dL/dgamma =
+    sum of dL/dy * O); after one SGD step gamma != 0 and the attention's parameters learn."""
+    torch.manual_seed(0)
+    m = LHC(8, 8, heads=4, embed_dim=6, layer_scale_init=0.0)
+    x = torch.randn(3, 8, 8, 8)
+    target = torch.randn(3, 8, 8, 8)
+    torch.testing.assert_close(m(x), x, rtol=0, atol=0)
+    attention_params = {name: p for name, p in m.named_parameters() if name != "layer_scale"}
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        (m(x) - target).square().mean().backward()
+        if step == 0:
+            assert m.layer_scale.grad.abs().min() > 0  # every channel's scale moves
+            assert all(p.grad is None or p.grad.abs().max() == 0 for p in attention_params.values())
+        else:
+            for name, p in attention_params.items():
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+        optimizer.step()
+    m.reset_parameters()
+    assert m.layer_scale.abs().max() == 0  # de-training resets gamma to its initial value

@@ -12,7 +12,7 @@ import lhcnet
 from lhcnet.models import (COMPACT_BLOCKS, PAPER_BLOCKS, PAPER_GATES, LHCBlock, create_model,
                            freeze_except_gates, gate_parameters, insert_lhc, lhc_blocks, list_models,
                            load_backbone_weights, load_model, model_spec, read_model_metadata,
-                           save_model)
+                           replace_lhc_block, save_model, switch_off_lhc)
 from lhcnet.models.backbones import PreActResNet
 
 
@@ -140,6 +140,79 @@ def test_deepcopy_keeps_blocks_attached_to_the_copy() -> None:
     with torch.no_grad():
         clone.lhc["stage1"].value_conv.bias.add_(1.0)
     assert not torch.allclose(clone(x), model(x))  # the copy uses its own block
+
+
+def tiny_lhc_net(**lhc_options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(plain tiny backbone, the same weights with two LHC blocks), both in eval mode."""
+    torch.manual_seed(0)
+    plain = tiny_backbone().eval()
+    model = insert_lhc(copy.deepcopy(plain), [LHCBlock("stem", 4, 8, heads=2, embed_dim=3),
+                                              LHCBlock("stage2", 8, 4, heads=4, embed_dim=2)], **lhc_options)
+    return plain, model.eval()
+
+
+def test_placement_api_lists_switches_off_and_replaces_blocks() -> None:
+    plain, model = tiny_lhc_net()
+    x = torch.rand(2, 3, 16, 16) * 255
+    full = model(x)
+    stem_block, stage2_block = model.lhc["stem"], model.lhc["stage2"]
+    assert lhc_blocks(model) == [("stem", stem_block), ("stage2", stage2_block)]
+    taken = switch_off_lhc(model)  # all blocks: the plain backbone's output
+    assert taken == {"stem": stem_block, "stage2": stage2_block}
+    torch.testing.assert_close(model(x), plain(x))
+    assert replace_lhc_block(model, "stem", stem_block) is not stem_block  # the identity comes out
+    only_stem = model(x)
+    assert not torch.allclose(only_stem, plain(x)) and not torch.allclose(only_stem, full)
+    replace_lhc_block(model, "stage2", stage2_block)
+    torch.testing.assert_close(model(x), full)
+    with pytest.raises(ValueError, match=r"no LHC block at 'stage1'; this model's blocks are at \['stem', 'stage2'\]"):
+        replace_lhc_block(model, "stage1", torch.nn.Identity())
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        replace_lhc_block(model, "stem", lambda t: t)
+
+
+def test_switching_off_a_copy_leaves_the_original_alone() -> None:
+    _, model = tiny_lhc_net()
+    x = torch.rand(1, 3, 16, 16) * 255
+    full = model(x)
+    clone = copy.deepcopy(model)
+    switch_off_lhc(clone, ["stem"])
+    torch.testing.assert_close(model(x), full)
+    assert not torch.allclose(clone(x), full)
+
+
+def test_print_shows_where_the_blocks_run() -> None:
+    _, model = tiny_lhc_net()
+    text = str(model)
+    stem = text[text.index("(stem):"):text.index("(stage1):")]
+    assert "(output -> lhc['stem'])" in stem and "lhc['stage2']" not in stem
+    assert "(output -> lhc['stage2'])" in text[text.index("(stage2):"):]
+    assert "(lhc): ModuleDict" in text  # and the blocks themselves, with their settings
+    assert "4, resolution=(8, 8), heads=2, embed_dim=3" in text
+
+
+def test_layer_scale_zero_starts_as_the_host_network() -> None:
+    """ReZero/LayerScale option at 0: at initialisation the LHC-Net computes its host's function."""
+    plain, model = tiny_lhc_net(layer_scale_init=0.0)
+    x = torch.rand(3, 3, 16, 16) * 255
+    assert torch.equal(model(x), plain(x))
+    _, paper = tiny_lhc_net()
+    assert not torch.allclose(paper(x), plain(x))  # default: the paper's block perturbs at once
+    small = tiny_lhc_net(layer_scale_init=1e-4)[1]
+    assert 0 < (small(x) - plain(x)).abs().max() < 1e-2 * plain(x).abs().max()
+
+
+def test_layer_scale_is_a_model_setting_saved_with_the_model(tmp_path) -> None:
+    model = create_model("lhcnet_resnet18v2_48", head_hidden=(8,), lhc_layer_scale_init=1e-4)
+    assert all(block.layer_scale_init == 1e-4 and block.layer_scale.shape == (block.channels,)
+               for _, block in lhc_blocks(model))
+    with torch.no_grad():
+        model.lhc["stage3"].layer_scale.fill_(0.5)
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
+    assert torch.equal(loaded.lhc["stage3"].layer_scale, model.lhc["stage3"].layer_scale)
+    assert "layer_scale" not in str(create_model("lhcnet_resnet18v2_48").lhc["stem"])  # default: paper
+    with pytest.raises(ValueError, match="resnet18v2_48 has no LHC blocks for the options"):
+        create_model("resnet18v2_48", lhc_layer_scale_init=0.0)
 
 
 @pytest.mark.parametrize("blocks, message", [

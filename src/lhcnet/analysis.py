@@ -7,9 +7,9 @@
   of the same block over a sample of images (the paper compares it with a Transformer encoder's).
 - Attention maps: a block's per-head channel attention ``A`` (eq. 15, C x C per head) for one face.
 
-Switching a block off does not touch the model code: LHC blocks run as forward hooks that call
-``module.__dict__["_lhc_block"]`` of the hooked sub-module (``lhcnet.models.lhcnet``), and the
-``lhc_switched_off`` context manager swaps that reference for an identity while it is active.
+Switching a block off goes through the placement API of ``lhcnet.models.lhcnet``:
+``lhc_switched_off`` puts ``nn.Identity`` in the blocks' places (``switch_off_lhc``) while it is
+active and the blocks back (``replace_lhc_block``) on exit.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .evaluate import predict_probabilities
-from .models import lhc_blocks
+from .models import lhc_blocks, replace_lhc_block, switch_off_lhc
 from .nn import LHC
 
 __all__ = ["lhc_switched_off", "lhc_detrained", "AblationRow", "ablation_plan", "block_ablation",
@@ -34,27 +34,23 @@ __all__ = ["lhc_switched_off", "lhc_detrained", "AblationRow", "ablation_plan", 
            "resolve_block"]
 
 
-def _hooked_modules(model: nn.Module, places: Sequence[str]) -> list[nn.Module]:
-    modules = dict(model.named_modules())
+def _check_places(model: nn.Module, places: Sequence[str]) -> None:
     known = [place for place, _ in lhc_blocks(model)]
     missing = [p for p in places if p not in known]
     if missing:
         raise ValueError(f"no LHC block at {missing}; this model's blocks are at {known}")
-    return [modules[place] for place in places]
 
 
 @contextmanager
 def lhc_switched_off(model: nn.Module, places: Sequence[str]) -> Iterator[None]:
     """Within the block, the LHC blocks at ``places`` return their input unchanged."""
-    targets = _hooked_modules(model, places)
-    saved = [target.__dict__["_lhc_block"] for target in targets]
+    _check_places(model, places)
+    saved = switch_off_lhc(model, places)
     try:
-        for target in targets:
-            target.__dict__["_lhc_block"] = nn.Identity()
         yield
     finally:
-        for target, block in zip(targets, saved):
-            target.__dict__["_lhc_block"] = block
+        for place, block in saved.items():
+            replace_lhc_block(model, place, block)
 
 
 @contextmanager
@@ -68,7 +64,7 @@ def lhc_detrained(model: nn.Module, places: Sequence[str], seed: int = 0) -> Ite
     was; the trained weights return on exit.
     """
     blocks = dict(lhc_blocks(model))
-    _hooked_modules(model, places)
+    _check_places(model, places)
     saved = {place: {k: v.detach().clone() for k, v in blocks[place].state_dict().items()}
              for place in places}
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

@@ -140,14 +140,20 @@ def create_model(name: str, num_classes: int = 7, pretrained: str | os.PathLike 
         num_classes: classifier outputs (7 for FER2013, 8 for FER+).
         pretrained: backbone initialisation: None (random), ``"imagenet"`` or a path to a
             safetensors file of backbone weights (see ``load_backbone_weights``).
-        overrides: keyword arguments of the backbone builder (e.g. ``dropout``, ``head_hidden``).
+        overrides: keyword arguments of the backbone builder (e.g. ``dropout``, ``head_hidden``);
+            those named ``lhc_<option>`` go to every LHC block's constructor instead (e.g.
+            ``lhc_layer_scale_init=0.0``, recipe ``model_args = { lhc_layer_scale_init = 0.0 }``).
     """
     spec = model_spec(name)
-    model = spec.backbone(num_classes=num_classes, **overrides)
+    backbone_args = {k: v for k, v in overrides.items() if not k.startswith("lhc_")}
+    lhc_options = {k.removeprefix("lhc_"): v for k, v in overrides.items() if k.startswith("lhc_")}
+    if lhc_options and not spec.blocks:
+        raise ValueError(f"{name} has no LHC blocks for the options {sorted(overrides.keys() - backbone_args.keys())}")
+    model = spec.backbone(num_classes=num_classes, **backbone_args)
     if pretrained is not None:
         load_backbone_weights(model, pretrained, name)
     if spec.blocks:
-        insert_lhc(model, spec.blocks, spec.gates)
+        insert_lhc(model, spec.blocks, spec.gates, **lhc_options)
     model.lhcnet_config = {"name": name, "num_classes": num_classes, "settings": dict(overrides)}
     return model
 
