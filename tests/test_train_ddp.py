@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,22 +20,10 @@ def train_losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow  # about 10 s; part of the default (CI) run
 def test_torchrun_two_processes_matches_single_process(tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LHCNET_HOME": str(tmp_path / "home")}
     data = tm.write_fer2013_csv(tm.synthetic_faces(), tmp_path / "faces.csv")
     recipe = tm.two_stage_recipe(tmp_path / "recipe.toml", max_epochs=4)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(tm.__file__)), "train", "--recipe", str(recipe), "--data", str(data),
-               "--out", str(tmp_path / "ddp"), "--device", "cpu", "--no-progress"]
-    # its own session, so that a hang kills torchrun's workers too
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    try:
-        stdout, stderr = job.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        stdout, stderr = job.communicate()
-    assert job.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    assert "2 processes" in stdout and stdout.count("finished: all stages finished") == 1
+    tm.torchrun_train(["--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "ddp")],
+                      tmp_path / "home")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -121,6 +121,28 @@ def two_stage_recipe(path: Path, max_epochs: int = 4) -> Path:
     return path
 
 
+def torchrun_train(args: list[str], home: Path, timeout: int = 120) -> str:
+    """``lhcnet train ARGS --device cpu --no-progress`` under ``torchrun --nproc_per_node=2`` (gloo,
+    one thread per process; this module is the entry point, so the tiny models exist too). Asserts
+    that it finished; returns its stdout."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LHCNET_HOME": str(home)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__)), "train", *args, "--device", "cpu", "--no-progress"]
+    # its own session, so that a hang kills torchrun's workers too
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+    assert job.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "2 processes" in stdout and stdout.count("finished: all stages finished") == 1
+    return stdout
+
+
 if __name__ == "__main__":
     from lhcnet.cli import main
 
