@@ -7,10 +7,42 @@ embedding shared by Q and K, (11) scores, (12)-(15) dynamic scaling and softmax,
 and reassembly.
 
 What differs from the authors' TensorFlow code: nothing numerically. Their per-head Python loop of
-``Dense`` layers is one ``(heads, r, d)`` parameter tensor and an einsum here; their NHWC
+``Dense`` layers is one ``(heads, r, d)`` parameter tensor and one batched product here; their NHWC
 reshapes become NCHW ones that give every head the same whole rows (head ``i`` sees rows
 ``[i*H/n, (i+1)*H/n)`` of every channel). Keras initialisers (Glorot-uniform, zero bias) are kept.
-The optional ``gate`` is LHC-NetC's controller: ``y = x + (1 + tanh w) * O``.
+The optional ``gate`` is LHC-NetC's controller: ``y = x + (1 + tanh w) * O``; the optional
+``layer_scale_init`` (not the paper's) a per-channel LayerScale/ReZero scale of ``O``.
+
+Speed (issue 12; ``benchmarks/lhc_speed.py``, 2-core Zen 4, figures per block forward + backward,
+1 thread, compact model batch 64 bf16 + channels-last, paper model batch 16 fp32). Profile of the
+previous implementation (``tests/lhc_previous.py``):
+- compact stem/stage 1 (48 x 24 x 24, r = 72 > C): ~120 ms each, of which the value conv 14 ms,
+  the max pool 21 ms (its backward, a scatter through int64 indices, is 3x its forward), dtype and
+  layout copies between the bf16 channels-last stream and the fp32 head split ~35 % of the
+  profile, the Q/K embedding products ~15 %, the gradient sum of x's four uses ~7 %;
+- compact stages 3/4 (C = 192/384, r = 6/9): ~70 % on the C x C maps (softmax and its backward,
+  map-sized copies, products with inner dimension 3-9). On a trained model's stream 1-4 % of the
+  attention weights are denormal (< 1.2e-38) and every product with them runs 3-10x slower: a
+  trained stage-3 block took 246 ms instead of 136;
+- paper stem (64 x 56 x 56, fp32 NCHW): of 387 ms, the value conv 89, the contiguous-tensor max
+  pool forward 61 (PyTorch's CPU kernel is vectorised only for channels-last), the embeddings 66.
+What won (kept): the chunked attention with its own backward and the denormal guard
+(``channel_attention``): trained stage 3 246 -> 101 ms, stage 4 126 -> 90, untrained 136 -> 97
+and 102 -> 88; storing the maps when small (stem, stage 1)
+rather than recomputing them: attention core 30 -> 27 ms; channels-last max pool for contiguous
+input: paper stem pool forward 61 -> 9 ms (plus ~20 ms of layout copies); window counts computed
+once, not by a convolution per call (paper stem: box-mean backward 25 -> 14 ms). Neutral (within +-3 %, kept
+because they are simpler): one product for Q and K, the head split and reassembly as views of
+either layout. What lost (dropped): ``scaled_dot_product_attention(q', k, v, scale=1.0)`` uses the
+slow math path because r != d; with q, k, v zero-padded to one size the CPU flash kernel is 2-4x
+faster than the three-op chain on stages 3/4 *without* denormals, 1.6-1.9x slower where C < r
+(stem), and as denormal-bound as the chain (trained stage 3: 151 ms vs 95 for the guarded chunks);
+bf16 for the embeddings needs a bf16 product with float32 output, which CPU PyTorch lacks
+(``aten::bmm.dtype`` is CUDA-only), and bf16 Q/K would round the scores' inputs (the NaN of
+docs/results.md), so eqs. (7)-(16) stay float32; ``torch.compile`` of a block (inductor, plain
+chain): stem 145 -> 130 ms, stage 3 143 -> 196 (it materialises the maps), 1-2 min compile per
+block; leaving the max-pool output channels-last for the head split: 2x slower backward.
+Whole-model ratios: see the model card and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
 
