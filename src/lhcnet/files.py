@@ -7,6 +7,8 @@ created with mode 0666 and the kernel applies the umask, as for any ``open(path,
 (``tempfile.mkstemp`` would make it 0600 whatever the umask). Temp names are
 ``.<name>.<pid>.<random>.tmp``: ``TEMP_PATTERN`` finds those a killed process left behind.
 An ``OSError`` (disk full, read-only folder) names the target file.
+
+``FolderLock``: the one lock on an output folder (a run folder, a ``--out`` folder).
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "TEMP_PATTERN"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: folders are not locked
+    fcntl = None
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "temp_path", "TEMP_PATTERN",
+           "FolderLock", "FolderInUse"]
 
 TEMP_PATTERN = ".*.tmp"
 
@@ -32,10 +40,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: str | os.PathLike, suffix: str = "") -> Path:
+    """A fresh temp name next to ``path``: ``.<name>.<pid>.<random>.tmp`` + ``suffix`` (for writers
+    that pick the format from the name, e.g. ``".mp4"``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path``, then rename it over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -60,3 +75,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class FolderInUse(ValueError):
+    """Another running process holds the folder's ``FolderLock``."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``lock_file``, which holds the holder's PID. A second process
+    stops at once with ``FolderInUse(busy.format(pid=...))``. The kernel drops the lock when its
+    process ends, however it ends, so a killed run leaves no stale lock (the file itself stays).
+    POSIX only: elsewhere the folder is not locked."""
+
+    def __init__(self, lock_file: str | os.PathLike, busy: str) -> None:
+        self.path, self.busy = Path(lock_file), busy
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(self.busy.format(pid=holder)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # releases the flock
+            self._fd = None

@@ -32,13 +32,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows: output folders are not locked
-    fcntl = None
-
 from .faces import FER_SIZE, Detections
-from .files import atomic_write_bytes, atomic_write_text
+from .files import FolderInUse, FolderLock, atomic_write_bytes, atomic_write_text
 from .images import InputError, find_images, load_image
 from .predict import Predictor, draw_faces
 from .timeline import plot_timeline
@@ -46,7 +41,7 @@ from .tracking import FaceTracker
 from .video import Mp4Writer, frame_count, frame_rate, is_video, read_frames
 
 __all__ = ["Item", "iter_inputs", "predict_stream", "track_videos", "records_json", "table_header",
-           "table_rows", "OutputInUse", "ResultWriter", "LOCK_NAME", "MANIFEST_NAME"]
+           "table_rows", "records_csv", "OutputInUse", "ResultWriter", "LOCK_NAME", "MANIFEST_NAME"]
 
 # Faces of consecutive items are classified together until one of these is reached; the pixel
 # budget bounds the memory of photos kept for annotation.
@@ -198,12 +193,21 @@ def table_rows(record: dict[str, Any], classes: Sequence[str]) -> list[list[Any]
             for i, face in enumerate(record["faces"], start=1)]
 
 
+def records_csv(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> str:
+    """The records as the text of ``predictions.csv``."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(table_header(classes))
+    for record in records:
+        writer.writerows(table_rows(record, classes))
+    return text.getvalue()
+
+
 LOCK_NAME = ".lhcnet-predict.lock"       # flock'ed by the run writing the folder; holds its PID
 MANIFEST_NAME = ".lhcnet-predict-files"  # the files that run wrote, one relative path a line
 
 
-class OutputInUse(ValueError):
-    """The output folder is being written by another running ``lhcnet predict``."""
+OutputInUse = FolderInUse  # the output folder is being written by another running lhcnet predict
 
 
 @dataclass
@@ -235,37 +239,14 @@ class ResultWriter:
         self.written: list[Path] = []
         self._used: set[Path] = set()
         self._video: _VideoOutput | None = None
-        self._lock = self.out / LOCK_NAME
-        self._take_lock()
+        self._lock = FolderLock(self.out / LOCK_NAME, f"{self.out}: in use by PID {{pid}} (another lhcnet "
+                                "predict is writing there); wait for it to finish or choose another --out")
+        self._lock.__enter__()
         try:
             self._clear_previous(overwrite)
         except BaseException:
-            self._release_lock()
+            self._lock.__exit__()
             raise
-
-    def _take_lock(self) -> None:
-        """An exclusive ``flock`` on the lock file: the kernel drops it when the process ends,
-        however it ends, so a killed run leaves no stale lock (the file itself stays)."""
-        self._lock_fd: int | None = None
-        if fcntl is None:
-            return
-        fd = os.open(self._lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            raise OutputInUse(f"{self.out}: in use by PID {holder} (another lhcnet predict is writing "
-                              "there); wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
 
     def _clear_previous(self, overwrite: bool) -> None:
         present = sorted(p.name for p in self.out.iterdir() if p.name != LOCK_NAME)
@@ -336,19 +317,15 @@ class ResultWriter:
         try:
             if self._video is not None:
                 self._finish_video()
-            table = io.StringIO()
-            writer = csv.writer(table)
-            writer.writerow(table_header(self.classes))
-            for record in self.records:
-                writer.writerows(table_rows(record, self.classes))
-            self.written.append(atomic_write_text(self.out / "predictions.csv", table.getvalue()))
+            self.written.append(atomic_write_text(self.out / "predictions.csv",
+                                                  records_csv(self.records, self.classes)))
             self.written.append(atomic_write_text(self.out / "predictions.json", records_json(self.records)))
             atomic_write_text(self.out / MANIFEST_NAME, "".join(
                 f"{p.relative_to(self.out).as_posix()}\n" for p in self.written))
         finally:
             if self._video is not None:
                 self._video.video.abort()
-            self._release_lock()
+            self._lock.__exit__()
 
     def __enter__(self) -> ResultWriter:
         return self

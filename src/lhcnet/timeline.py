@@ -23,11 +23,11 @@ def plot_timeline(records: Sequence[dict[str, Any]], classes: Sequence[str], out
     import matplotlib.pyplot as plt
 
     series: dict[int, list[tuple[float, dict[str, float]]]] = {}
-    for record in records:
-        time = record["frame"] / fps if fps > 0 else record["frame"]
+    times = [record["frame"] / fps if fps > 0 else record["frame"] for record in records]
+    for time, record in zip(times, records):
         for face in record["faces"]:
             series.setdefault(face.get("track", 1), []).append((time, face["scores"]))
-    times = sorted({record["frame"] / fps if fps > 0 else record["frame"] for record in records})
+    times = sorted(set(times))
     step = min(np.diff(times), default=1.0)  # between two frames read
     shown = sorted(sorted(series, key=lambda t: -len(series[t]))[:MAX_TRACKS])
     fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(10, 1.2 + 2.2 * max(1, len(shown))),

@@ -11,13 +11,13 @@ appears complete or not at all.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .files import temp_path
 from .images import InputError
 
 __all__ = ["VIDEO_SUFFIXES", "is_video", "frame_count", "frame_rate", "read_frames", "Mp4Writer"]
@@ -104,7 +104,7 @@ class Mp4Writer:
 
     def __init__(self, path: str | os.PathLike, fps: float) -> None:
         self.path, self.fps = Path(path), fps if fps > 0 else 25.0
-        self._tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.mp4")
+        self._tmp = temp_path(self.path, ".mp4")  # OpenCV picks the container from the suffix
         self._writer: cv2.VideoWriter | None = None
 
     def write(self, rgb: np.ndarray) -> None:

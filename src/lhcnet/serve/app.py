@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..predict import Predictor
+from ..predict_files import records_csv
 from . import jobs
 from .uploads import RequestError, Upload, read_uploads
 from .worker import Deadline, InferenceWorker
@@ -185,7 +186,7 @@ def create_app(predictor: Predictor, settings: ServeSettings = ServeSettings()) 
         records, rate = await worker.run(lambda: jobs.video_records(
             predictor, file, every, settings.max_video_frames, deadline, whole_image), deadline)
         if table_format == "csv":
-            return PlainTextResponse(jobs.records_csv(records, predictor.classes), media_type="text/csv")
+            return PlainTextResponse(records_csv(records, predictor.classes), media_type="text/csv")
         return JSONResponse({"source": file.filename, "fps": rate, "every": every, "frames": records,
                              "timeline": jobs.timeline(records, rate)})
 

@@ -2,14 +2,13 @@
 
 Everything goes through the code ``lhcnet predict`` uses: ``images.decode_image`` (the robust
 reading and the decompression-bomb guard), ``predict_files.predict_stream`` (the records of
-``lhcnet predict --json``), ``video.read_frames``, ``predict_files.table_rows`` (the CSV of
+``lhcnet predict --json``), ``video.read_frames``, ``predict_files.records_csv`` (the CSV of
 ``--out``) and ``predict.draw_faces``. Nothing is written to disk, except that a video is held in
 a temporary file while OpenCV reads it (its FFmpeg reader takes a file name): in ``/dev/shm``,
 which is memory, where it exists, and removed when the request ends.
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -23,12 +22,12 @@ import numpy as np
 
 from ..images import InputError, decode_image
 from ..predict import Predictor, draw_faces
-from ..predict_files import Item, predict_stream, table_header, table_rows
+from ..predict_files import Item, predict_stream
 from ..video import VIDEO_SUFFIXES, frame_count, frame_rate, read_frames
 from .uploads import RequestError, Upload
 from .worker import Deadline
 
-__all__ = ["predict_records", "annotated_image", "video_records", "timeline", "records_csv"]
+__all__ = ["predict_records", "annotated_image", "video_records", "timeline"]
 
 RAM_FOLDER = "/dev/shm"
 
@@ -125,13 +124,3 @@ def timeline(records: Sequence[dict[str, Any]], rate: float) -> list[dict[str, A
                        "label": face and face["label"], "label_score": face and face["label_score"],
                        "scores": face and face["scores"]})
     return points
-
-
-def records_csv(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> str:
-    """The records as ``predictions.csv`` (the table ``lhcnet predict --out`` writes)."""
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(table_header(classes))
-    for record in records:
-        writer.writerows(table_rows(record, classes))
-    return text.getvalue()

@@ -9,26 +9,20 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from ..data import FaceDataset
-from ..files import TEMP_PATTERN, atomic_write_text
+from ..files import TEMP_PATTERN, FolderLock, atomic_write_text
 from .checkpoint import CHECKPOINT_NAME
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .state import Progress
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock
-    fcntl = None
-
-__all__ = ["METRIC_COLUMNS", "TIMING_COLUMNS", "RunLock", "RunLog", "open_run_dir", "write_summary",
+__all__ = ["METRIC_COLUMNS", "TIMING_COLUMNS", "run_lock", "RunLog", "open_run_dir", "write_summary",
            "remove_temp_files", "check_resumable", "data_fingerprint", "config_fingerprint",
            "fingerprint_differences"]
 
@@ -37,40 +31,11 @@ METRIC_COLUMNS = ("stage", "epoch", "train_loss", "train_acc", "val_loss", "val_
 TIMING_COLUMNS = ("seconds", "images_per_s")  # the only columns that differ between identical runs
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``RUN/.lock``, ``flock``): a second process training in
-    the same folder stops at once with "in use by PID n". The kernel drops the lock when its
-    process ends, however it ends, so a killed run leaves no stale lock behind."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / ".lock"
-        self.file: IO[str] | None = None
-
-    def __enter__(self) -> RunLock:
-        if fcntl is None:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            pid = file.read().strip() or "unknown"
-            file.close()
-            raise ValueError(f"{self.path.parent} is in use by PID {pid} (another lhcnet train or distill); "
-                             "wait for it to end, or choose another --out") from None
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self.file = file
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
+def run_lock(out_dir: Path) -> FolderLock:
+    """The lock on a run folder (``RUN/.lock``): a second process training in the same folder
+    stops at once with "in use by PID n" (``lhcnet.files.FolderLock``)."""
+    return FolderLock(out_dir / ".lock", f"{out_dir} is in use by PID {{pid}} (another lhcnet train "
+                      "or distill); wait for it to end, or choose another --out")
 
 
 def remove_temp_files(out_dir: Path) -> tuple[int, int]:

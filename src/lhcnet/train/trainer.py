@@ -40,7 +40,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, set_rng_state
 from .distributed import Distributed, setup_distributed
 from .preflight import check_before_training
 from .recipe import Recipe, Stage
-from .run_dir import (METRIC_COLUMNS, TIMING_COLUMNS, RunLock, RunLog, check_resumable, config_fingerprint,
+from .run_dir import (METRIC_COLUMNS, TIMING_COLUMNS, run_lock, RunLog, check_resumable, config_fingerprint,
                       data_fingerprint, fingerprint_differences, open_run_dir, remove_temp_files, write_summary)
 from .setup import Run, StageSetup, TrainOptions, lr_at, model_args, model_info, setup_stage
 from .state import Diverged, Interrupted, Progress, StopRequest
@@ -87,7 +87,7 @@ def _train(recipe: Recipe, dataset: FaceDataset, out_dir: Path, options: TrainOp
     train_set, val_set = (_first(_split(dataset, name), limit) for name, limit in
                           (("Training", recipe.limit_train), ("PublicTest", recipe.limit_val)))
     check_before_training(recipe, len(train_set), dist.device, options.compile, options.resume)
-    with RunLock(out_dir) if dist.is_main else contextlib.nullcontext():
+    with run_lock(out_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
             recipe = open_run_dir(out_dir, recipe, options.resume)
         dist.barrier()
