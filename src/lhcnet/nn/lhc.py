@@ -95,6 +95,11 @@ def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     return sums / _window_counts(size, height, width).to(device=x.device, dtype=x.dtype)
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Laid out channels-last (and not also contiguous, as tensors with H = W = 1 are)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def max_pool_same(x: torch.Tensor, size: int) -> torch.Tensor:
     """TF 'same' max pooling, stride 1 (padding with -inf): ``F.max_pool2d(x, size, 1, size // 2)``.
 
@@ -282,7 +287,7 @@ class LHC(nn.Module):
         A view in both memory layouts: channels-last memory is (B, H, W, C), where head i's rows
         are one (r, C) block, so the head split of a channels-last tensor needs no copy either."""
         b, c, h, w = t.shape
-        if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        if _is_channels_last(t):
             return t.permute(0, 2, 3, 1).reshape(b, self.heads, self.head_len, c).transpose(2, 3)
         return t.reshape(b, c, self.heads, self.head_len).transpose(1, 2)
 
@@ -333,17 +338,14 @@ class LHC(nn.Module):
             return channel_attention(q, k, v)                                # (B, n, C, r)  eqs. (11), (15), (16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._queries_keys_values(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = channel_attention(q, k, v)                                 # (B, n, C, r)  eqs. (11), (15), (16)
-        out = out.to(x.dtype)
+        out = self.head_outputs(x).to(x.dtype)                               # (B, n, C, r)  eqs. (1)-(16)
         if self.gate is not None:
             out = (1 + torch.tanh(self.gate)) * out                          # LHC-NetC controller
         if self.layer_scale is not None:
             out = out * self.layer_scale.to(out.dtype).view(-1, 1)           # (B, n, C, r)  gamma per channel
         # eq. (17) and the residual sum, read straight from the heads' layout into x's layout.
         b, c, h, w = x.shape
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if _is_channels_last(x):
             y = x.permute(0, 2, 3, 1).reshape(b, self.heads, self.head_len, c) + out.transpose(2, 3)
             return y.reshape(b, h, w, c).permute(0, 3, 1, 2)                 # (B, C, H, W) channels-last
         return (x.reshape(b, c, self.heads, self.head_len) + out.transpose(1, 2)).reshape(b, c, h, w)
