@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -376,11 +377,12 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _relative_to(stage: Stage, folder: Path) -> Stage:
     """The stage with its model file paths (``from``, ``pretrained``) resolved against the recipe's
-    folder, as absolute paths (so config.toml, in the run folder, names the same files)."""
+    folder, as absolute paths (so config.toml, in the run folder, names the same files). ``..`` is
+    folded without following symlinks (``os.path.abspath``): a ``runs`` link keeps its name."""
     def resolve(value: str | None) -> str | None:
         if value is None or value == "imagenet" or Path(value).expanduser().is_absolute():
             return value
-        return str((folder / value).resolve())
+        return os.path.abspath(folder / value)
     return dataclasses.replace(stage, init_file=resolve(stage.init_file), pretrained=resolve(stage.pretrained))
 
 
