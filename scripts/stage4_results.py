@@ -1,13 +1,13 @@
 """Tabulate the stage-4 experiment (sets A and C at CPU scale) for docs/results.md.
 
-Reads, for every run folder ``RUNS/stage4-<set>-seed<N>`` (sets: ``SETS``), its ``metrics.csv`` and
+Reads, for every run folder ``RUNS/<prefix>-<set>-seed<N>`` (sets: ``SETS``), its ``metrics.csv`` and
 ``train.log`` (written by ``lhcnet train``) and the PrivateTest reports ``eval.json`` /
 ``eval-tta.json`` (written by ``lhcnet evaluate ... --json``), and prints Markdown: one row per run,
 then mean ± sample std per set over all runs and over the runs that pass the paper's acceptance
 filter (spec §4: keep a stage-4 model only if its final training loss is below the starting
 network's; ``--margin`` adds a tolerance, 0 = the paper's rule as stated), then Welch's t of C - A.
 
-    python3 scripts/stage4_results.py runs [--margin 0]
+    python3 scripts/stage4_results.py runs [--margin 0] [--prefix stage4-long]
 """
 from __future__ import annotations
 
@@ -82,11 +82,13 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding the stage4-<set>-seed<N> runs")
+    parser.add_argument("--prefix", default="stage4",
+                        help="run folders are PREFIX-<set>-seed<N> (stage4-long: the fer2013_long_stage4_* runs)")
     parser.add_argument("--margin", type=float, default=0.0,
                         help="acceptance tolerance on the training loss (default 0: the paper's rule)")
     args = parser.parse_args()
     table = {key: [run_row(p) for p in sorted(args.runs.iterdir())
-                   if re.fullmatch(rf"stage4-{re.escape(key)}-seed\d+", p.name) and (p / "metrics.csv").exists()]
+                   if re.fullmatch(rf"{re.escape(args.prefix)}-{re.escape(key)}-seed\d+", p.name) and (p / "metrics.csv").exists()]
              for key in SETS}
     table = {key: rows for key, rows in table.items() if rows}
 

@@ -89,6 +89,23 @@ def test_stage4_experiment_recipes_differ_only_in_the_lhc_blocks() -> None:
         assert getattr(with_lhc[0], key) == getattr(plain[0], key) == getattr(main_stage4, key), key
 
 
+def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
+    """Issue 14's sets A, C and C with identity start: one stage 4 from the fer2013_long backbone,
+    until early stopping (no cap), the paper's filter at margin 0; only the model differs."""
+    stages = {name: load_recipe(RECIPES / f"fer2013_long_stage4_{name}.toml").stages for name in ("plain", "lhc", "lhc_ls")}
+    assert all(len(s) == 1 for s in stages.values())
+    plain, lhc, lhc_ls = (stages[name][0] for name in ("plain", "lhc", "lhc_ls"))
+    assert (plain.model, lhc.model, lhc_ls.model) == ("resnet18v2_48", "lhcnet_resnet18v2_48", "lhcnet_resnet18v2_48")
+    assert (plain.model_args, lhc.model_args, lhc_ls.model_args) == ({}, {}, {"lhc_layer_scale_init": 1e-4})
+    backbone = load_recipe(RECIPES / "fer2013_long.toml").stages[0]
+    assert plain.init_file == str(RECIPES.parent / "runs/long40-seed1/stage1-best.safetensors")
+    for key in ("init_file", "optimizer", "batch_size", "patience", "max_epochs", "augment", "label_smoothing",
+                "clip_grad_norm", "acceptance"):
+        assert getattr(plain, key) == getattr(lhc, key) == getattr(lhc_ls, key), key
+    assert plain.patience == 3 and plain.max_epochs >= 300 and plain.acceptance.margin == 0.0
+    assert plain.augment.crop == backbone.augment.crop and plain.label_smoothing == backbone.label_smoothing
+
+
 @pytest.mark.parametrize("name", ["paper", "standalone", "fer2013_compact", "fer2013_compact_stage4_lhc"])
 def test_resolved_recipe_round_trips(name: str) -> None:
     recipe = load_recipe(RECIPES / f"{name}.toml")

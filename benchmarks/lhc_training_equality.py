@@ -1,0 +1,85 @@
+"""Issue 12's training check: the same compact LHC-Net training run, from the same seed, with the
+current LHC implementation and with the previous one (``tests/lhc_previous.py``, before the speed
+work); their PublicTest accuracies must agree within 0.5 points.
+
+    python3 benchmarks/lhc_training_equality.py --data ../shared/data/fer2013.csv.gz --out ~/runs/equality
+
+Trains ``lhcnet_resnet18v2_48`` from scratch for ``--epochs`` (default 2) with the recipe below
+(SGD 0.01, momentum 0.9, weight decay 5e-4, flips, gradient norm clipped to 5, batch 64, seed 1),
+bf16 autocast + channels-last as in every compact run, once per implementation (OUT/new,
+OUT/previous; a run that exists is resumed), then prints both runs' PublicTest accuracy per epoch
+and the difference. ~15 minutes per run and epoch pair on 2 cores (the previous one is slower).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+RECIPE = """\
+name = "lhc_training_equality"
+description = "issue 12: a short compact LHC-Net run, current vs previous LHC implementation"
+labels = "fer2013"
+
+[[stage]]
+name = "stage1"
+model = "lhcnet_resnet18v2_48"
+optimizer = { type = "sgd", lr = 0.01, momentum = 0.9, weight_decay = 5e-4 }
+batch_size = 64
+max_epochs = EPOCHS
+patience = EPOCHS
+clip_grad_norm = 5.0
+augment = { flip = true }
+seed = 1
+"""
+
+
+def train(implementation: str, data: str, out: Path, epochs: int) -> None:
+    from lhcnet import LHC
+    from lhcnet.cli import main
+    if implementation == "previous":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from lhc_previous import previous_forward
+        LHC.forward = previous_forward  # every LHC block of the model runs the old code
+    run = out / implementation
+    recipe = out / "recipe.toml"
+    common = ["--data", data, "--out", str(run), "--bf16", "--channels-last", "--no-progress"]
+    if (run / "checkpoint.pt").exists() or (run / "metrics.csv").exists():
+        code = main(["train", *common, "--resume"])
+    else:
+        code = main(["train", "--recipe", str(recipe), *common])
+    raise SystemExit(code)
+
+
+def accuracies(run: Path) -> list[float]:
+    return [float(row["val_acc"]) for row in csv.DictReader((run / "metrics.csv").open())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--implementation", choices=["new", "previous"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.implementation:  # the child process: one training run
+        train(args.implementation, args.data, args.out, args.epochs)
+    import subprocess
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "recipe.toml").write_text(RECIPE.replace("EPOCHS", str(args.epochs)))
+    for implementation in ("new", "previous"):  # separate processes: the patch never leaks
+        if len(accuracies(args.out / implementation) if (args.out / implementation / "metrics.csv").exists()
+               else []) < args.epochs:
+            subprocess.run([sys.executable, __file__, "--data", args.data, "--out", str(args.out),
+                            "--epochs", str(args.epochs), "--implementation", implementation], check=True)
+    new, old = accuracies(args.out / "new"), accuracies(args.out / "previous")
+    print("epoch  PublicTest new %  previous %  difference (points)")
+    for epoch, (a, b) in enumerate(zip(new, old), 1):
+        print(f"{epoch:5d}  {100 * a:16.2f}  {100 * b:10.2f}  {100 * (a - b):+.2f}")
+    diff = 100 * abs(new[-1] - old[-1])
+    print(f"last epoch: |new - previous| = {diff:.2f} points ({'within' if diff <= 0.5 else 'NOT within'} 0.5)")
+
+
+if __name__ == "__main__":
+    main()
