@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import FER2013_CSV_GZ, REPO, requires_shared_data
 from lhcnet.data import load_dataset
@@ -29,7 +30,15 @@ def test_bundled_model_is_small_and_describes_itself() -> None:
     assert info["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
     check = info["reference_check"]
     assert check["split"] == "PublicTest" and check["images"] >= 500
-    assert len(model.lhc) == 5  # an LHC-Net: the five blocks at the paper's places
+    if model.lhcnet_metadata["name"].startswith("lhcnet_"):
+        assert len(model.lhc) == 5  # an LHC-Net: the five blocks at the paper's places
+
+
+def test_model_card_names_the_bundled_architecture() -> None:
+    card = (REPO / "docs" / "model-card.md").read_text()
+    stated = re.search(r"^\| architecture \| `([a-z0-9_]+)`", card, re.MULTILINE)
+    assert stated, "docs/model-card.md: no '| architecture | `name`' row"
+    assert stated.group(1) == bundled().lhcnet_metadata["name"]
 
 
 def test_model_card_states_the_bundled_models_figures() -> None:
@@ -62,12 +71,18 @@ def test_bundled_model_accuracy_on_a_fixed_publictest_subset() -> None:
 
 def by_hand(model: torch.nn.Module, faces: np.ndarray, batch: int = 500) -> torch.Tensor:
     """Softmax of ``model`` on uint8 48x48 faces, preprocessed as the model card states: the grey
-    value repeated in R, G and B, float 0..255, NCHW, no resizing (the model's input is 48 px)."""
+    value repeated in R, G and B, float 0..255, NCHW (the model's input is 48 px); for a model
+    trained on c-px crops (``info.crop``), the centre c x c window (offset round((48 - c) / 2), as
+    torchvision's ``center_crop``) resized back to 48 bilinearly with half-pixel centres."""
     assert model.input_size == 48 == faces.shape[1] == faces.shape[2]
-    rgb = np.repeat(faces[:, None, :, :], 3, axis=1).astype(np.float32)  # (N, 3, 48, 48)
+    rgb = torch.from_numpy(np.repeat(faces[:, None, :, :], 3, axis=1).astype(np.float32))  # (N, 3, 48, 48)
+    crop = int(model.lhcnet_metadata["info"].get("crop", 0))
+    if crop:
+        top = round((48 - crop) / 2)
+        rgb = F.interpolate(rgb[:, :, top:top + crop, top:top + crop], size=(48, 48), mode="bilinear",
+                            align_corners=False)
     with torch.no_grad():
-        return torch.cat([torch.softmax(model.eval()(torch.from_numpy(rgb[i:i + batch])), dim=1)
-                          for i in range(0, len(rgb), batch)])
+        return torch.cat([torch.softmax(model.eval()(rgb[i:i + batch]), dim=1) for i in range(0, len(rgb), batch)])
 
 
 def test_bundled_model_preprocessing_matches_an_independent_path() -> None:
