@@ -1,0 +1,59 @@
+"""Issue 13's ingredient table for docs/results.md: each 20-epoch probe of recipes/fer2013_long.toml.
+
+Each probe (``recipes/fer2013_probe_<name>.toml``) differs from ``fer2013_probe_base`` in one
+ingredient (``all``: every one); this prints, per probe run ``RUNS/probe-<name>``, the best
+PublicTest accuracy of the weights and of their EMA (``metrics.csv`` columns ``val_acc`` and
+``ema_val_acc``), the epoch, and the difference from the base. Train the probes first
+(one after the other on 2 cores, ~35-60 min each; a stopped probe resumes):
+
+    for name in base ls crop44 crop40 erase all; do
+      if [ -e runs/probe-$name/checkpoint.pt ]; then
+        lhcnet train --out runs/probe-$name --data fer2013.csv.gz --resume --bf16 --channels-last --no-progress
+      else
+        lhcnet train --recipe recipes/fer2013_probe_$name.toml --data fer2013.csv.gz --out runs/probe-$name \\
+          --bf16 --channels-last --no-progress
+      fi
+    done
+    python3 scripts/ingredient_table.py runs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+PROBES = {"base": "base: SGD Nesterov, warm-up + cosine, weight decay, flips, rotation/shift/zoom",
+          "ls": "+ label smoothing 0.1", "crop44": "+ random 44-px crops (ten-crop TTA)",
+          "crop40": "+ random 40-px crops", "erase": "+ random erasing (p 0.5)",
+          "all": "+ label smoothing, 44-px crops, erasing (= fer2013_long)"}
+
+
+def best(rows: list[dict], column: str) -> tuple[float, int] | None:
+    """Highest value of ``column`` and its epoch (the first, on ties); None if never recorded."""
+    values = [(float(r[column]), int(r["epoch"])) for r in rows if r.get(column) not in (None, "")]
+    return max(values, key=lambda v: (v[0], -v[1])) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="folder holding the probe-<name> runs")
+    args = parser.parse_args()
+    results = {}
+    for name in PROBES:
+        metrics = args.runs / f"probe-{name}" / "metrics.csv"
+        if metrics.exists():
+            rows = list(csv.DictReader(metrics.open()))
+            results[name] = (len(rows), best(rows, "val_acc"), best(rows, "ema_val_acc"))
+    base = results.get("base")
+    print("| probe | ingredient | epochs | PublicTest % (epoch) | EMA PublicTest % (epoch) | vs base (points) |")
+    print("|---|---|---|---|---|---|")
+    for name, (epochs, plain, ema) in results.items():
+        cell = lambda v: "–" if v is None else f"{100 * v[0]:.2f} ({v[1]})"
+        top = max(v[0] for v in (plain, ema) if v is not None)
+        base_top = None if base is None else max(v[0] for v in base[1:] if v is not None)
+        delta = "–" if base_top is None or name == "base" else f"{100 * (top - base_top):+.2f}"
+        print(f"| {name} | {PROBES[name]} | {epochs} | {cell(plain)} | {cell(ema)} | {delta} |")
+
+
+if __name__ == "__main__":
+    main()
