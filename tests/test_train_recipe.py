@@ -98,7 +98,7 @@ def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
     assert (plain.model, lhc.model, lhc_ls.model) == ("resnet18v2_48", "lhcnet_resnet18v2_48", "lhcnet_resnet18v2_48")
     assert (plain.model_args, lhc.model_args, lhc_ls.model_args) == ({}, {}, {"lhc_layer_scale_init": 1e-4})
     backbone = load_recipe(RECIPES / "fer2013_long.toml").stages[0]
-    assert plain.init_file == str(RECIPES.parent / "runs/long40-seed1/stage1-best.safetensors")
+    assert plain.init_file == str(RECIPES.parent / "runs/long-seed1/stage1-best.safetensors")
     for key in ("init_file", "optimizer", "batch_size", "patience", "max_epochs", "augment", "label_smoothing",
                 "clip_grad_norm", "acceptance"):
         assert getattr(plain, key) == getattr(lhc, key) == getattr(lhc_ls, key), key
