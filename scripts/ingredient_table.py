@@ -4,7 +4,7 @@ Each probe (``recipes/fer2013_probe_<name>.toml``) differs from ``fer2013_probe_
 ingredient (``all``: every one); this prints, per probe run ``RUNS/probe-<name>``, the best
 PublicTest accuracy of the weights and of their EMA (``metrics.csv`` columns ``val_acc`` and
 ``ema_val_acc``), the epoch, and the difference from the base. Train the probes first
-(one after the other on 2 cores, ~35-60 min each; a stopped probe resumes):
+(one after the other on 2 cores, ~45-50 min each; a stopped probe resumes):
 
     for name in base ls crop44 crop40 erase all; do
       if [ -e runs/probe-$name/checkpoint.pt ]; then
@@ -34,6 +34,10 @@ def best(rows: list[dict], column: str) -> tuple[float, int] | None:
     return max(values, key=lambda v: (v[0], -v[1])) if values else None
 
 
+def cell(value: tuple[float, int] | None) -> str:
+    return "–" if value is None else f"{100 * value[0]:.2f} ({value[1]})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="folder holding the probe-<name> runs")
@@ -44,14 +48,11 @@ def main() -> None:
         if metrics.exists():
             rows = list(csv.DictReader(metrics.open()))
             results[name] = (len(rows), best(rows, "val_acc"), best(rows, "ema_val_acc"))
-    base = results.get("base")
+    top = {name: max(v[0] for v in bests if v is not None) for name, (_, *bests) in results.items()}
     print("| probe | ingredient | epochs | PublicTest % (epoch) | EMA PublicTest % (epoch) | vs base (points) |")
     print("|---|---|---|---|---|---|")
     for name, (epochs, plain, ema) in results.items():
-        cell = lambda v: "–" if v is None else f"{100 * v[0]:.2f} ({v[1]})"
-        top = max(v[0] for v in (plain, ema) if v is not None)
-        base_top = None if base is None else max(v[0] for v in base[1:] if v is not None)
-        delta = "–" if base_top is None or name == "base" else f"{100 * (top - base_top):+.2f}"
+        delta = "–" if "base" not in top or name == "base" else f"{100 * (top[name] - top['base']):+.2f}"
         print(f"| {name} | {PROBES[name]} | {epochs} | {cell(plain)} | {cell(ema)} | {delta} |")
 
 
