@@ -3,17 +3,10 @@
 Each probe (``recipes/fer2013_probe_<name>.toml``) differs from ``fer2013_probe_base`` in one
 ingredient (``all``: every one); this prints, per probe run ``RUNS/probe-<name>``, the best
 PublicTest accuracy of the weights and of their EMA (``metrics.csv`` columns ``val_acc`` and
-``ema_val_acc``), the epoch, and the difference from the base. Train the probes first
-(one after the other on 2 cores, ~45-50 min each; a stopped probe resumes):
+``ema_val_acc``), the epoch, and the difference from the base. Train the probes first with
+``scripts/run_probes.sh`` (one after the other on 2 cores, ~45-50 min each; resumes, skips finished):
 
-    for name in base ls crop44 crop40 erase all; do
-      if [ -e runs/probe-$name/checkpoint.pt ]; then
-        lhcnet train --out runs/probe-$name --data fer2013.csv.gz --resume --bf16 --channels-last --no-progress
-      else
-        lhcnet train --recipe recipes/fer2013_probe_$name.toml --data fer2013.csv.gz --out runs/probe-$name \\
-          --bf16 --channels-last --no-progress
-      fi
-    done
+    scripts/run_probes.sh fer2013.csv.gz base ls crop44 crop40 erase all
     python3 scripts/ingredient_table.py runs
 """
 from __future__ import annotations

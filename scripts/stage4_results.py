@@ -1,7 +1,7 @@
 """Tabulate the stage-4 experiment (sets A and C at CPU scale) for docs/results.md.
 
 Reads, for every run folder ``RUNS/<prefix>-<set>-seed<N>`` (sets: ``SETS``), its ``metrics.csv`` and
-``train.log`` (written by ``lhcnet train``) and the PrivateTest reports ``eval.json`` /
+``summary.json`` or ``train.log`` (written by ``lhcnet train``) and the PrivateTest reports ``eval.json`` /
 ``eval-tta.json`` (written by ``lhcnet evaluate ... --json``), and prints Markdown: one row per run,
 then mean ± sample std per set over all runs and over the runs that pass the paper's acceptance
 filter (spec §4: keep a stage-4 model only if its final training loss is below the starting
@@ -24,9 +24,15 @@ SETS = {"plain": "A: no LHC (resnet18v2_48)", "lhc": "C: with LHC (lhcnet_resnet
 ACCEPTANCE = re.compile(r"acceptance: final training loss ([0-9.]+) (?:<|>=) starting ([0-9.]+)")
 
 
-def acceptance_losses(log: Path) -> tuple[float, float] | None:
-    """(final, starting) training loss of the run's last acceptance check in ``train.log``."""
-    found = ACCEPTANCE.findall(log.read_text()) if log.exists() else []
+def acceptance_losses(run: Path) -> tuple[float, float] | None:
+    """(final, starting) training loss of the run's last acceptance check: from ``summary.json``
+    (the trainer records it per stage) or, for runs committed without one, from ``train.log``."""
+    summary = run / "summary.json"
+    if summary.exists():
+        checks = [s["acceptance"] for s in json.loads(summary.read_text())["stages"] if "acceptance" in s]
+        if checks:
+            return checks[-1]["final_train_loss"], checks[-1]["start_train_loss"]
+    found = ACCEPTANCE.findall((run / "train.log").read_text()) if (run / "train.log").exists() else []
     return (float(found[-1][0]), float(found[-1][1])) if found else None
 
 
@@ -50,7 +56,7 @@ def run_row(run: Path) -> dict:
         "test_tta": accuracy(run / "eval-tta.json"),
         "minutes": sum(float(r["seconds"]) for r in rows) / 60,
         "img_s": statistics.fmean(float(r["images_per_s"]) for r in rows),
-        "losses": acceptance_losses(run / "train.log"),
+        "losses": acceptance_losses(run),
     }
 
 

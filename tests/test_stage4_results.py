@@ -1,5 +1,5 @@
 """scripts/stage4_results.py: the stage-4 tables (docs/results.md) from run folders, with the
-paper's acceptance filter read back from train.log; figures checked by hand."""
+paper's acceptance filter read back from summary.json or train.log; figures checked by hand."""
 from __future__ import annotations
 
 import json
@@ -50,3 +50,14 @@ def test_rows_acceptance_and_welch_t(tmp_path: Path) -> None:
     assert "lhc vs plain: fewer than 2 runs in a set, no test" in accepted_only
     # a margin of 0.05 accepts the run whose loss rose by 0.01
     assert "| 0.6500 → 0.6600 | yes |" in run_script(tmp_path, "--margin", "0.05")
+
+
+def test_acceptance_is_read_from_summary_json_when_present(tmp_path: Path) -> None:
+    make_run(tmp_path, "stage4-lhc-seed1", [0.65, 0.70], 0.70, final_loss=0.66)
+    run = tmp_path / "stage4-lhc-seed1"
+    (run / "train.log").unlink()  # only the trainer's summary.json records the check now
+    (run / "summary.json").write_text(json.dumps({"stages": [
+        {"stage": "stage1"},
+        {"stage": "stage4", "acceptance": {"final_train_loss": 0.61, "start_train_loss": 0.64,
+                                           "margin": 0.0, "accepted": True}}]}))
+    assert "| 0.6400 → 0.6100 | yes |" in run_script(tmp_path)
