@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from lhcnet.files import atomic_write_text
 
 RECIPE = """\
 name = "lhc_training_equality"
@@ -86,10 +87,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--implementation", choices=["new", "previous"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    recipe = args.out / f"recipe.toml.{os.getpid()}"  # atomic: two children may write it at once
-    recipe.write_text(RECIPE.replace("EPOCHS", str(args.epochs)))
-    os.replace(recipe, args.out / "recipe.toml")
+    atomic_write_text(args.out / "recipe.toml", RECIPE.replace("EPOCHS", str(args.epochs)))  # two children may write it
     if args.implementation:  # the child process: one training run
         raise SystemExit(train(args.implementation, args.data, args.out))
     for implementation in ("new", "previous"):  # separate processes: the patch never leaks

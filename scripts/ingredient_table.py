@@ -4,7 +4,7 @@ Each probe (``recipes/fer2013_probe_<name>.toml``) differs from ``fer2013_probe_
 ingredient (``all``: every one); this prints, per probe run ``RUNS/probe-<name>``, the best
 PublicTest accuracy of the weights and of their EMA (``metrics.csv`` columns ``val_acc`` and
 ``ema_val_acc``), the epoch, and the difference from the base. Train the probes first with
-``scripts/run_probes.sh`` (resumes, skips finished; two queues of one core each train two probes
+``scripts/run_probes.sh`` (resumes; two queues of one core each train two probes
 in ~50 min, as fast as one probe on both cores):
 
     OMP_NUM_THREADS=1 scripts/run_probes.sh fer2013.csv.gz base ls crop40 &
