@@ -13,7 +13,8 @@
 4. ``--compile``: the compact LHC-Net training step under ``torch.compile`` (compile time apart).
 
 Usage: python benchmarks/lhc_speed.py [--rounds 5] [--threads N] [--only compact|paper]
-       [--profile] [--compile] [--skip-blocks]
+       [--profile] [--compile] [--skip-blocks] [--default-malloc]
+The malloc settings of ``lhcnet train`` (``lhcnet.allocator``) apply unless ``--default-malloc``.
 Other jobs on the machine distort timings: the load average is printed at the start and the end.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lhc_previous import previous_forward, previous_implementation  # noqa: E402
 from predict_helpers import synthetic_faces  # noqa: E402
 
 from lhcnet import create_model  # noqa: E402
+from lhcnet.allocator import keep_freed_memory  # noqa: E402
 from lhcnet.data import to_model_input  # noqa: E402
 from lhcnet.models import lhc_blocks, load_model  # noqa: E402
 from lhcnet.predict import bundled_model_path  # noqa: E402
@@ -252,9 +254,13 @@ def main() -> None:
     parser.add_argument("--skip-blocks", action="store_true", help="no per-block table")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings (lhcnet train changes them: lhcnet.allocator)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; start: {load()}")
+    allocator = "glibc default" if args.default_malloc else \
+        "freed memory kept, as in lhcnet train" if keep_freed_memory() else "not glibc: default"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {allocator}; start: {load()}")
     whole_models(args.only, args.rounds)
     if not args.skip_blocks:
         per_block(args.only, args.rounds)

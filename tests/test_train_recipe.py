@@ -89,6 +89,18 @@ def test_stage4_experiment_recipes_differ_only_in_the_lhc_blocks() -> None:
         assert getattr(with_lhc[0], key) == getattr(plain[0], key) == getattr(main_stage4, key), key
 
 
+def test_standalone_recipes_are_the_probe_base_schedule_with_and_without_lhc() -> None:
+    """Issue 14's stand-alone pair: from scratch, the same schedule, only the model differs; the
+    plain one is exactly fer2013_probe_base (whose run counts as its seed 1)."""
+    plain, lhc = (load_recipe(RECIPES / f"fer2013_standalone_{name}.toml").stages for name in ("plain", "lhc"))
+    base = load_recipe(RECIPES / "fer2013_probe_base.toml").stages
+    assert len(plain) == len(lhc) == len(base) == 1
+    assert (plain[0].model, lhc[0].model) == ("resnet18v2_48", "lhcnet_resnet18v2_48")
+    assert plain[0] == base[0]
+    assert dataclasses.replace(lhc[0], model=plain[0].model) == plain[0]
+    assert plain[0].init_file is None and not plain[0].pretrained
+
+
 def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
     """Issue 14's sets A, C and C with identity start: one stage 4 from the fer2013_long backbone,
     until early stopping (no cap), the paper's filter at margin 0; only the model differs."""

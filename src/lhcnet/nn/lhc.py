@@ -42,6 +42,16 @@ bf16 for the embeddings needs a bf16 product with float32 output, which CPU PyTo
 docs/results.md), so eqs. (7)-(16) stay float32; ``torch.compile`` of a block (inductor, plain
 chain): stem 145 -> 130 ms, stage 3 143 -> 196 (it materialises the maps), 1-2 min compile per
 block; leaving the max-pool output channels-last for the head split: 2x slower backward.
+Second round (kept): under bf16 autocast the four products with a C x C map (A V, A^T dO, dS K,
+dS^T Q) take the map rounded to bf16 while the scores, the softmax and dS stay float32: on Zen 4
+a bf16 (g, C, C) x (g, C, 3..72) product is 3-5x faster than the float32 one (fp32 kernels are
+slowest for these thin shapes), and the chunk size went from 512 KB to 2 MB of maps per thread
+(blocks forward + backward, bf16 + CL: stage 3 ~70 -> ~48 ms, stage 4 ~55 -> ~40). The bf16
+products start from centred keys and queries (dS's rows sum to 0), or the raw stream's common
+offset would dominate their rounding error; the LHC parameters' gradients then differ from the
+float32 ones as much as the host's own parameters' do under bf16 autocast (~25-80 % relative on a
+trained model at batch 64, and the same before this change). Tried and dropped: glibc malloc
+tuning (``MALLOC_MMAP_THRESHOLD_`` etc.; no measurable change).
 Whole-model ratios: see the model card and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
@@ -126,47 +136,92 @@ def _attention_chunk(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None 
     return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` for an ``out`` that is contiguous or the transpose of a contiguous tensor
+    (then computed as ``out^T = b^T a^T``): no temporary and no copy either way."""
+    if out.is_contiguous():
+        torch.bmm(a, b, out=out)
+    else:
+        torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=out.transpose(1, 2))
+
+
+def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (G, C, r) tensor laid out as ``t``: contiguous, or (G, r, C) contiguous seen
+    transposed (the head split of a channels-last map)."""
+    if t.is_contiguous() or not t.transpose(1, 2).is_contiguous():
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=dtype, device=t.device).transpose(1, 2)
+
+
 class _ChannelAttention(torch.autograd.Function):
     """``softmax(q k^T) v`` in chunks of heads that keep the C x C maps in cache. The backward
     pass recomputes each chunk's map (as flash attention does) when all maps together exceed
-    ``_STORE_BYTES``, and reads them back otherwise."""
+    ``_STORE_BYTES``, and reads them back otherwise.
+
+    Scores, softmax and the softmax backward are float32 (float64 stays float64). When ``v`` has
+    a lower dtype (bfloat16 under autocast), the four products with a map, A v and the gradients
+    A^T dO, dS k, dS^T q, take the map rounded to that dtype: 3-5x faster on CPU, and only what
+    the forward's O (returned in v's dtype) and the gradients lose to bf16 rounding. The output
+    and v's gradient have v's memory layout (a channels-last head split stays channels-last), so
+    that neither the residual sum nor the elementwise work of the backward mixes layouts."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, store: bool) -> torch.Tensor:
         ctx.shapes = q.shape, k.shape, v.shape
         lead, c, r = q.shape[:-2], q.shape[-2], v.shape[-1]
         q, k, v = q.reshape(-1, c, q.shape[-1]), k.reshape(-1, c, k.shape[-1]), v.reshape(-1, c, r)
-        out = torch.empty(q.shape[0], c, r, dtype=q.dtype, device=q.device)
+        out = _like(v, v.dtype)
         maps = torch.empty(q.shape[0], c, c, dtype=q.dtype, device=q.device) if store else None
         for i in range(0, q.shape[0], chunk):
             part = slice(i, i + chunk)
             attn = _attention_chunk(q[part], k[part], None if maps is None else maps[part])
-            torch.bmm(attn, v[part], out=out[part])
+            _bmm_into(attn.to(v.dtype), v[part], out[part])
         ctx.save_for_backward(q, k, v, out, maps)
         ctx.chunk = chunk
-        return out.reshape(*lead, c, r)
+        return out.view(*lead, c, r) if out.is_contiguous() else out.transpose(1, 2).view(*lead, r, c).transpose(-1, -2)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, out, maps = ctx.saved_tensors
-        grad_out = grad_out.reshape(out.shape)
+        low = v.dtype                                                           # the maps' products
+        grad_low = grad_out.reshape(out.shape).to(low)
+        # dS = dO v^T - rowsum(dA * A) in float32: a difference of near-equal terms
+        grad_full, v_full = grad_low.to(q.dtype), v.to(q.dtype)
         # softmax backward: dS = A * (dA - rowsum(dA * A)), and rowsum(dA * A) = rowsum(dO * O).
-        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)                   # (G, C, 1)
-        # contiguous gradients: bmm(out=) into a strided view (v of a channels-last map) copies per chunk
-        grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        row_dot = (grad_full * out.to(q.dtype)).sum(dim=-1, keepdim=True)     # (G, C, 1)
+        mixed = low != q.dtype
+        if mixed:  # dS's rows sum to 0, so dS k = dS (k - mean k): the bf16 product takes centred
+            # keys (their common offset, large on the raw stream, would swamp their differences in
+            # bf16); likewise dS^T q = dS^T (q - mean q) + colsum(dS) mean q, the last in float32.
+            q_mean = q.mean(dim=1, keepdim=True)                               # (G, 1, d)
+            q_low, k_low = (q - q_mean).to(low), (k - k.mean(dim=1, keepdim=True)).to(low)
+        else:
+            q_low, k_low = q, k
+        grad_q, grad_k = torch.empty(q.shape, dtype=low, device=q.device), torch.empty_like(k)
+        grad_v = _like(v, low)
         for i in range(0, q.shape[0], ctx.chunk):
             part = slice(i, i + ctx.chunk)
             attn = _attention_chunk(q[part], k[part]) if maps is None else maps[part]  # (g, C, C)
-            grad_scores = torch.bmm(grad_out[part], v[part].transpose(1, 2)).sub_(row_dot[part]).mul_(attn)
-            torch.bmm(grad_scores, k[part], out=grad_q[part])
-            torch.bmm(grad_scores.transpose(1, 2), q[part], out=grad_k[part])
-            torch.bmm(attn.transpose(1, 2), grad_out[part], out=grad_v[part])
+            grad_scores = torch.bmm(grad_full[part], v_full[part].transpose(1, 2)).sub_(row_dot[part]).mul_(attn)
+            if mixed:
+                torch.mul(grad_scores.sum(dim=1).unsqueeze(-1), q_mean[part], out=grad_k[part])
+                grad_scores, attn = grad_scores.to(low), attn.to(low)
+                grad_k[part] += torch.bmm(grad_scores.transpose(1, 2), q_low[part])
+            else:
+                torch.bmm(grad_scores.transpose(1, 2), q[part], out=grad_k[part])
+            torch.bmm(grad_scores, k_low[part], out=grad_q[part])
+            _bmm_into(attn.transpose(1, 2), grad_low[part], grad_v[part])
         q_shape, k_shape, v_shape = ctx.shapes
-        return grad_q.reshape(q_shape), grad_k.reshape(k_shape), grad_v.reshape(v_shape), None, None
+        grad_v = grad_v.view(v_shape) if grad_v.is_contiguous() else \
+            grad_v.transpose(1, 2).view(*v_shape[:-2], v_shape[-1], v_shape[-2]).transpose(-1, -2)
+        return grad_q.to(q.dtype).reshape(q_shape), grad_k.reshape(k_shape), grad_v, None, None
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """eqs. (11), (15), (16): ``softmax(q k^T) v`` per head, (B, n, C, d), (B, n, C, d), (B, n, C, r) -> (B, n, C, r).
+
+    The scores and the softmax in q's dtype (float32 or float64); the product with v, and the
+    result, in v's (a bfloat16 v under autocast: see ``_ChannelAttention``).
 
     The scale of eq. (14) is already in ``q``. Two things make this faster than the three-op
     chain, with the same numbers:
@@ -182,15 +237,16 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     Under tracing, export or ``torch.compile`` the plain chain is used (no data-dependent loop).
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1).to(v.dtype) @ v
     c, map_bytes = q.shape[-2], q.shape[-2] ** 2 * q.element_size()
     chunk = max(1, _CHUNK_BYTES * torch.get_num_threads() // map_bytes)  # each thread's share in its L2
     store = torch.is_grad_enabled() and q.numel() // (c * q.shape[-1]) * map_bytes <= _STORE_BYTES
     return _ChannelAttention.apply(q, k, v, chunk, store)
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _STORE_BYTES = 8 * 2**20  # all maps at most this large: stored for the backward (stem, stage 1), not recomputed
-_CHUNK_BYTES = 512 * 1024  # C x C maps per chunk and thread: half of a 1 MB L2 cache (measured best of 128 KB-64 MB)
+_CHUNK_BYTES = 2 * 2**20  # C x C maps per chunk and thread (measured: 256 KB-64 MB; 2 MB best with bf16 products)
 
 
 class LHC(nn.Module):
@@ -298,7 +354,9 @@ class LHC(nn.Module):
 
     def _queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """eqs. (1)-(10) and (12)-(14): the scaled queries q / d^(C + s) and the keys, (B, n, C, d),
-        and the values (B, n, C, r), in float32 (float64 stays float64) whatever the autocast."""
+        in float32 (float64 stays float64) whatever the autocast, and the values (B, n, C, r): in
+        the autocast dtype under autocast (bf16 values cost nothing in the scores' accuracy), else
+        in the queries' dtype."""
         self._check_input(x)
         p = self.pool_size
         q = box_mean(x, p)                                                   # (B, C, H, W)  eq. (1)
@@ -323,7 +381,8 @@ class LHC(nn.Module):
             # eq. (14): N = S / d^(C + s), one divisor per query channel (row of S), applied to q before
             # eq. (11)'s product: N = (q / d^(C + s)) k^T, so no elementwise pass over the (C, C) scores.
             divisor = torch.exp((self.scale_c + s) * math.log(self.embed_dim)).unsqueeze(-1)  # (B, n, C, 1)
-            return q / divisor, k, self._split_heads(v).to(dtype)
+            v = self._split_heads(v)                                         # (B, n, C, r)
+            return q / divisor, k, v if v.dtype in _HALF_DTYPES else v.to(dtype)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map A of eq. (15), shape (B, n, C, C); rows sum to 1."""
@@ -332,7 +391,8 @@ class LHC(nn.Module):
             return torch.softmax(q @ k.transpose(-1, -2), dim=-1)           # (B, n, C, C)  eqs. (11), (15)
 
     def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Every head's output O_i = A_i V_i of eq. (16), shape (B, n, C, r), in float32."""
+        """Every head's output O_i = A_i V_i of eq. (16), shape (B, n, C, r): float32 (float64 for a
+        float64 block), or the autocast dtype under autocast (the map A itself stays float32)."""
         q, k, v = self._queries_keys_values(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return channel_attention(q, k, v)                                # (B, n, C, r)  eqs. (11), (15), (16)
