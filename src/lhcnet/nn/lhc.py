@@ -43,15 +43,21 @@ docs/results.md), so eqs. (7)-(16) stay float32; ``torch.compile`` of a block (i
 chain): stem 145 -> 130 ms, stage 3 143 -> 196 (it materialises the maps), 1-2 min compile per
 block; leaving the max-pool output channels-last for the head split: 2x slower backward.
 Second round (kept): under bf16 autocast the four products with a C x C map (A V, A^T dO, dS K,
-dS^T Q) take the map rounded to bf16 while the scores, the softmax and dS stay float32: on Zen 4
-a bf16 (g, C, C) x (g, C, 3..72) product is 3-5x faster than the float32 one (fp32 kernels are
-slowest for these thin shapes), and the chunk size went from 512 KB to 2 MB of maps per thread
-(blocks forward + backward, bf16 + CL: stage 3 ~70 -> ~48 ms, stage 4 ~55 -> ~40). The bf16
+dS^T Q) take the map rounded to bf16 while the scores, the softmax and dS stay float32 (on Zen 4
+a bf16 (g, C, C) x (g, C, 3..72) product is 3-5x faster than the float32 one, whose kernels are
+slowest for these thin shapes); the output and dV keep v's memory layout (no mixed-layout
+elementwise work in the backward); chunks of 2 MB of maps per thread instead of 512 KB. The bf16
 products start from centred keys and queries (dS's rows sum to 0), or the raw stream's common
 offset would dominate their rounding error; the LHC parameters' gradients then differ from the
 float32 ones as much as the host's own parameters' do under bf16 autocast (~25-80 % relative on a
-trained model at batch 64, and the same before this change). Tried and dropped: glibc malloc
-tuning (``MALLOC_MMAP_THRESHOLD_`` etc.; no measurable change).
+trained model at batch 64, as before this change). In-process A/B (the same block, float32 vs bf16
+products, interleaved): stage 3/4 10-20 % faster, the others neutral. The largest single cost
+found was outside the block: glibc unmapping freed multi-MB tensors, so every step page-faults
+them in again (``lhcnet.allocator``, applied by ``lhcnet train``); with it the previous chain
+implementation is about as fast per block as this one in bf16 + channels-last
+(``docs/runs/benchmarks/lhc_speed-2026-12-03.txt``; run-to-run spread on this shared machine
++-15 %). What remains is per-block fixed work in eager mode (value conv, three pools, ~20
+elementwise passes over the block's tensors) that only kernel fusion would remove.
 Whole-model ratios: see the model card and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
