@@ -258,8 +258,10 @@ def main() -> None:
                         help="leave glibc's malloc settings (lhcnet train changes them: lhcnet.allocator)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
-    allocator = "glibc default" if args.default_malloc else \
-        "freed memory kept, as in lhcnet train" if keep_freed_memory() else "not glibc: default"
+    if args.default_malloc:
+        allocator = "glibc default"
+    else:
+        allocator = "freed memory kept, as in lhcnet train" if keep_freed_memory() else "not glibc: default"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {allocator}; start: {load()}")
     whole_models(args.only, args.rounds)
     if not args.skip_blocks:

@@ -58,7 +58,7 @@ implementation is about as fast per block as this one in bf16 + channels-last
 (``docs/runs/benchmarks/lhc_speed-2026-12-03.txt``; run-to-run spread on this shared machine
 +-15 %). What remains is per-block fixed work in eager mode (value conv, three pools, ~20
 elementwise passes over the block's tensors) that only kernel fusion would remove.
-Whole-model ratios: see the model card and ``benchmarks/lhc_speed.py``.
+Whole-model ratios: ``docs/training.md`` (Speed) and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
 
@@ -159,6 +159,13 @@ def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=dtype, device=t.device).transpose(1, 2)
 
 
+def _unflatten(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(G, C, r) back to ``shape`` (lead dims, C, r) as a view, in either of ``_like``'s layouts."""
+    if t.is_contiguous():
+        return t.view(shape)
+    return t.transpose(1, 2).view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+
+
 class _ChannelAttention(torch.autograd.Function):
     """``softmax(q k^T) v`` in chunks of heads that keep the C x C maps in cache. The backward
     pass recomputes each chunk's map (as flash attention does) when all maps together exceed
@@ -174,7 +181,7 @@ class _ChannelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, store: bool) -> torch.Tensor:
         ctx.shapes = q.shape, k.shape, v.shape
-        lead, c, r = q.shape[:-2], q.shape[-2], v.shape[-1]
+        c, r = q.shape[-2], v.shape[-1]
         q, k, v = q.reshape(-1, c, q.shape[-1]), k.reshape(-1, c, k.shape[-1]), v.reshape(-1, c, r)
         out = _like(v, v.dtype)
         maps = torch.empty(q.shape[0], c, c, dtype=q.dtype, device=q.device) if store else None
@@ -184,7 +191,7 @@ class _ChannelAttention(torch.autograd.Function):
             _bmm_into(attn.to(v.dtype), v[part], out[part])
         ctx.save_for_backward(q, k, v, out, maps)
         ctx.chunk = chunk
-        return out.view(*lead, c, r) if out.is_contiguous() else out.transpose(1, 2).view(*lead, r, c).transpose(-1, -2)
+        return _unflatten(out, ctx.shapes[2])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
@@ -218,9 +225,7 @@ class _ChannelAttention(torch.autograd.Function):
             torch.bmm(grad_scores, k_low[part], out=grad_q[part])
             _bmm_into(attn.transpose(1, 2), grad_low[part], grad_v[part])
         q_shape, k_shape, v_shape = ctx.shapes
-        grad_v = grad_v.view(v_shape) if grad_v.is_contiguous() else \
-            grad_v.transpose(1, 2).view(*v_shape[:-2], v_shape[-1], v_shape[-2]).transpose(-1, -2)
-        return grad_q.to(q.dtype).reshape(q_shape), grad_k.reshape(k_shape), grad_v, None, None
+        return grad_q.to(q.dtype).reshape(q_shape), grad_k.reshape(k_shape), _unflatten(grad_v, v_shape), None, None
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
