@@ -24,6 +24,8 @@ from lhcnet.cli import main
 from lhcnet.data import CLASSES_FER2013, to_model_input
 from lhcnet.faces import LANDMARK_NAMES, crop_faces, to_grey
 from lhcnet.images import InputError
+from lhcnet.models import create_model, save_model
+from lhcnet.nn import LHC
 from lhcnet.predict import Predictor, bundled_model_path
 from lhcnet.predict_files import LOCK_NAME, ResultWriter
 from lhcnet.tracking import box_iou
@@ -209,9 +211,24 @@ def test_images_that_must_fail(predictor, tmp_path) -> None:
 
 
 def test_bundled_model_missing_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setattr(predict_module, "BUNDLED_MODEL", "weights/no-such-model.safetensors")
+    monkeypatch.setitem(predict_module.BUNDLED_MODELS, "default", "weights/no-such-model.safetensors")
     with pytest.raises(FileNotFoundError, match="bundled model .* is not in this install"):
         Predictor()
+    with pytest.raises(ValueError, match="no bundled model 'vgg'; the bundled models are default, lhcnet"):
+        bundled_model_path("vgg")
+
+
+def test_a_bundled_model_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch) -> None:
+    """``Predictor(model="lhcnet")`` / ``--model lhcnet`` load the bundled LHC-Net, unless a file
+    of that name exists in the working folder."""
+    tiny = save_model(create_model("resnet18v2_48"), tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(predict_module, "bundled_model_path", {"lhcnet": tiny}.__getitem__)  # a stand-in
+    monkeypatch.chdir(tmp_path)
+    model = predict_module._load_model("lhcnet", "torch", torch.device("cpu"))[0]
+    assert not any(isinstance(m, LHC) for m in model.modules())
+    save_model(create_model("lhcnet_resnet18v2_48"), tmp_path / "lhcnet")  # now a file named lhcnet
+    model = predict_module._load_model("lhcnet", "torch", torch.device("cpu"))[0]
+    assert any(isinstance(m, LHC) for m in model.modules())
 
 
 def _bundled_model_present() -> bool:

@@ -99,6 +99,9 @@ def test_standalone_recipes_are_the_probe_base_schedule_with_and_without_lhc() -
     assert plain[0] == base[0]
     assert dataclasses.replace(lhc[0], model=plain[0].model) == plain[0]
     assert plain[0].init_file is None and not plain[0].pretrained
+    lhc_ls = load_recipe(RECIPES / "fer2013_standalone_lhc_ls.toml").stages  # the identity-start variant
+    assert len(lhc_ls) == 1 and lhc_ls[0].model_args == {"lhc_layer_scale_init": 1e-4}
+    assert dataclasses.replace(lhc_ls[0], model_args={}) == lhc[0]
 
 
 def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
@@ -110,7 +113,7 @@ def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
     assert (plain.model, lhc.model, lhc_ls.model) == ("resnet18v2_48", "lhcnet_resnet18v2_48", "lhcnet_resnet18v2_48")
     assert (plain.model_args, lhc.model_args, lhc_ls.model_args) == ({}, {}, {"lhc_layer_scale_init": 1e-4})
     backbone = load_recipe(RECIPES / "fer2013_long.toml").stages[0]
-    assert plain.init_file == str(RECIPES.parent / "runs/long-seed1/stage1-best.safetensors")
+    assert plain.init_file == str(RECIPES.parent / "runs/long-seed1/stage1-ema.safetensors")
     for key in ("init_file", "optimizer", "batch_size", "patience", "max_epochs", "augment", "label_smoothing",
                 "clip_grad_norm", "acceptance"):
         assert getattr(plain, key) == getattr(lhc, key) == getattr(lhc_ls, key), key

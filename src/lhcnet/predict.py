@@ -35,22 +35,28 @@ from .images import load_image, to_rgb_array
 from .models import load_model
 from .tta import model_views, tta_predict
 
-__all__ = ["Predictor", "ImageInput", "BUNDLED_MODEL", "bundled_model_path", "model_classes",
-           "draw_faces"]
+__all__ = ["Predictor", "ImageInput", "BUNDLED_MODEL", "BUNDLED_MODELS", "bundled_model_path",
+           "model_classes", "draw_faces"]
 
 ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
 Box = Sequence[float]
-BUNDLED_MODEL = "weights/default.safetensors"  # inside the installed package
+# Inside the installed package: "default", the most accurate model (docs/model-card.md), and
+# "lhcnet", the best LHC-Net (the attention model this package is about).
+BUNDLED_MODELS = {"default": "weights/default.safetensors", "lhcnet": "weights/lhcnet.safetensors"}
+BUNDLED_MODEL = BUNDLED_MODELS["default"]
 # Eye-level alignment of crops (with landmarks): off by default, measured in docs/predict.md.
 ALIGN = False
 
 
-def bundled_model_path() -> Path:
-    """The default model shipped inside the package; ``FileNotFoundError`` if this install lacks it."""
-    path = Path(str(resources.files("lhcnet").joinpath(BUNDLED_MODEL)))
+def bundled_model_path(name: str = "default") -> Path:
+    """A model shipped inside the package (``BUNDLED_MODELS``); ``FileNotFoundError`` if this
+    install lacks it, ``ValueError`` for an unknown name."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"no bundled model {name!r}; the bundled models are {', '.join(BUNDLED_MODELS)}")
+    path = Path(str(resources.files("lhcnet").joinpath(BUNDLED_MODELS[name])))
     if not path.is_file():
         raise FileNotFoundError(
-            f"the bundled model lhcnet/{BUNDLED_MODEL} is not in this install ({path}); "
+            f"the bundled model lhcnet/{BUNDLED_MODELS[name]} is not in this install ({path}); "
             "pass a model file instead: Predictor(model='model.safetensors') or --model FILE")
     return path
 
@@ -91,6 +97,8 @@ def _load_model(model: str | os.PathLike | nn.Module | OnnxModel | None, backend
     """The model to run and its backend (an ``.onnx`` file implies ``"onnx"``)."""
     if model is None:
         model = bundled_model_path()
+    elif isinstance(model, str) and model in BUNDLED_MODELS and not Path(model).exists():
+        model = bundled_model_path(model)  # a bundled model by name; a file of that name wins
     if isinstance(model, (str, os.PathLike)):
         if Path(model).suffix.lower() == ".onnx":
             return OnnxModel(model, device), "onnx"
@@ -108,7 +116,8 @@ class Predictor:
     Args:
         model: a model file (``.safetensors`` from ``save_model``, or ``.onnx`` from
             ``export_onnx``, which implies ``backend="onnx"``), a model from ``create_model`` /
-            ``load_model`` or an ``OnnxModel``, or None for the bundled default model.
+            ``load_model`` or an ``OnnxModel``, a bundled model's name (``BUNDLED_MODELS``:
+            ``"default"``, ``"lhcnet"``), or None for the bundled default model.
         device: ``"cpu"``, ``"cuda"``...; None picks CUDA when available (PyTorch backend).
         detector: ``"yunet"`` (``lhcnet.faces.YuNetDetector``: boxes, landmarks, scores),
             ``"haar"`` (OpenCV's frontal-face cascade), a detector object (``YuNetDetector(...)``,

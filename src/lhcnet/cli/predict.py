@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "1: some inputs failed.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (searched recursively) or video files")
-    p.add_argument("--model", help="model file (.safetensors or .onnx); default: the bundled model")
+    p.add_argument("--model", help="model file (.safetensors or .onnx), or a bundled model by name: "
+                   "default (the most accurate; the default) or lhcnet (the best LHC-Net)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write annotated images (videos: an annotated MP4 and a timeline PNG) and "

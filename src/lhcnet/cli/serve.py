@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0: "
                         "every network interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--model", help="model file (.safetensors or .onnx); default: the bundled model")
+    p.add_argument("--model", help="model file (.safetensors or .onnx), or a bundled model by name: "
+                   "default (the most accurate; the default) or lhcnet (the best LHC-Net)")
     p.add_argument("--detector", help="face detector name for Predictor, e.g. yunet, haar, none "
                                       "(default: the Predictor's default)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
