@@ -207,15 +207,21 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize("chunk_bytes", [1, 10**9])  # one head per chunk; all heads in one
 @pytest.mark.parametrize("store_bytes", [0, 10**9])  # maps recomputed in the backward; stored
-def test_channel_attention_forward_and_backward_match_autograd(monkeypatch, chunk_bytes: int,
-                                                                store_bytes: int) -> None:
-    """The hand-written backward against autograd through the plain chain (float64), and gradcheck."""
+@pytest.mark.parametrize("c, d, r, v_transposed", [(5, 4, 7, True), (20, 3, 4, True), (20, 3, 4, False)])
+def test_channel_attention_forward_and_backward_match_autograd(monkeypatch, chunk_bytes: int, store_bytes: int,
+                                                                c: int, d: int, r: int, v_transposed: bool) -> None:
+    """The hand-written backward against autograd through the plain chain (float64), and gradcheck.
+    C = 20 with d = 3, r = 4 takes the swapped products for thin outputs (``_thin``: 4 N <= C),
+    into a contiguous and into a transposed (channels-last) output."""
     monkeypatch.setattr(lhc_module, "_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(lhc_module, "_STORE_BYTES", store_bytes)
     g = torch.Generator().manual_seed(2)
-    q, k = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    v = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64).transpose(-1, -2).requires_grad_()
-    weights = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    q, k = (torch.randn(2, 3, c, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if v_transposed:
+        v = torch.randn(2, 3, r, c, generator=g, dtype=torch.float64).transpose(-1, -2).requires_grad_()
+    else:
+        v = torch.randn(2, 3, c, r, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, c, r, generator=g, dtype=torch.float64)
     fast = lhc_module.channel_attention(q, k, v)
     slow = plain_attention(q, k, v)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)

@@ -58,6 +58,13 @@ implementation is about as fast per block as this one in bf16 + channels-last
 (``docs/runs/benchmarks/lhc_speed-2026-12-03.txt``; run-to-run spread on this shared machine
 +-15 %). What remains is per-block fixed work in eager mode (value conv, three pools, ~20
 elementwise passes over the block's tensors) that only kernel fusion would remove.
+Third round (kept): MKL's float32 products with a thin output, a C x C map times a (C, 3..9)
+value or key (compact stages 3/4: A V, A^T dO, dS k, dS^T q), run 4-7x slower than the same
+product swapped, ``(b^T a^T)^T``; they are now computed swapped (``_thin``), with a copy where the
+output must be contiguous: float32 stage-3/4 blocks 1.35-1.6x faster forward + backward, bf16
+ones ~1.1x. The softmax of a chunk is ``torch.softmax`` in place after the clamp (its fused
+kernel ~1.4x faster than sub, clamp, exp, div). ``torch.compile`` of the whole compact LHC-Net
+(training step, bf16 + channels-last, 1 thread): 1.15 s vs 1.145 eager, no gain.
 Whole-model ratios: ``docs/training.md`` (Speed) and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
@@ -138,17 +145,36 @@ def _attention_chunk(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor | None 
     given), with the logits floored at their row's max - 40 (no denormal weights; see
     ``channel_attention``)."""
     scores = torch.bmm(q, k.transpose(1, 2), out=out)
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).clamp_(min=-_LOGIT_SPREAD).exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
+    # In place: max(S, rowmax - 40), then softmax (its fused kernel is ~1.4x faster than the
+    # chain sub, clamp, exp, div with its own exp).
+    torch.maximum(scores, scores.amax(dim=-1, keepdim=True).sub_(_LOGIT_SPREAD), out=scores)
+    return torch.softmax(scores, dim=-1, out=scores)
+
+
+def _thin(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a @ b``, (G, M, K) x (G, K, N), has a thin N (4 N <= M): a C x C map times a
+    (C, 3..9) value or key of a compact model's stages 3/4. MKL's kernels for such a product are
+    4-7x slower in float32 (up to 1.5x in bf16) than for the swapped one, ``(b^T a^T)^T``."""
+    return 4 * b.shape[2] <= a.shape[1]
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, computed as ``(b^T a^T)^T`` (a transposed result) when N is thin."""
+    if _thin(a, b):
+        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(a, b)
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a @ b`` for an ``out`` that is contiguous or the transpose of a contiguous tensor
-    (then computed as ``out^T = b^T a^T``): no temporary and no copy either way."""
-    if out.is_contiguous():
-        torch.bmm(a, b, out=out)
-    else:
+    (then computed as ``out^T = b^T a^T``: no temporary, no copy); a contiguous ``out`` with a
+    thin N takes the swapped product and a copy (``_thin``: still 3-6x faster in float32)."""
+    if not out.is_contiguous():
         torch.bmm(b.transpose(1, 2), a.transpose(1, 2), out=out.transpose(1, 2))
+    elif _thin(a, b):
+        out.copy_(_bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
 
 
 def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,10 +245,10 @@ class _ChannelAttention(torch.autograd.Function):
             if mixed:
                 torch.mul(grad_scores.sum(dim=1).unsqueeze(-1), q_mean[part], out=grad_k[part])
                 grad_scores, attn = grad_scores.to(low), attn.to(low)
-                grad_k[part] += torch.bmm(grad_scores.transpose(1, 2), q_low[part])
+                grad_k[part] += _bmm(grad_scores.transpose(1, 2), q_low[part])
             else:
-                torch.bmm(grad_scores.transpose(1, 2), q[part], out=grad_k[part])
-            torch.bmm(grad_scores, k_low[part], out=grad_q[part])
+                _bmm_into(grad_scores.transpose(1, 2), q[part], grad_k[part])
+            _bmm_into(grad_scores, k_low[part], grad_q[part])
             _bmm_into(attn.transpose(1, 2), grad_low[part], grad_v[part])
         q_shape, k_shape, v_shape = ctx.shapes
         return grad_q.to(q.dtype).reshape(q_shape), grad_k.reshape(k_shape), _unflatten(grad_v, v_shape), None, None
