@@ -52,7 +52,7 @@ def plot(runs: dict[str, list[dict]], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lhcnet.files import atomic_write
+    from lhcnet.train.plots import save_figure
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, rows in runs.items():
@@ -64,11 +64,7 @@ def plot(runs: dict[str, list[dict]], out_png: Path) -> None:
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, out_png)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..files import atomic_write
 
-__all__ = ["plot_training_curves"]
+__all__ = ["plot_training_curves", "save_figure"]
 
 
 def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
@@ -35,6 +35,13 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``out_png`` atomically (PNG, 100 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         return atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
