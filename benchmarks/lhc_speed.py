@@ -8,7 +8,10 @@
    Each row: median seconds, the LHC-Net / host ratio (new and previous) and the FLOP ratio that
    ``lhcnet info`` prints (``lhcnet.summary``).
 2. Every LHC block, forward + backward, new vs previous implementation, on the block's real input
-   (the feature map the model itself feeds it from a batch of synthetic faces).
+   (the feature map the model itself feeds it from a batch of synthetic faces), and its value path
+   alone (eq. (3): the C -> C convolution and the 3x3 box mean, ~80 % of the FLOPs the blocks add):
+   the "floor" ratio (host + value paths) / host is what LHC-Net would cost if the rest of the
+   attention (pools, embeddings, scores, softmax, A V, the sum) were free.
 3. ``--profile``: per block of both models, the operators a forward + backward spends its time in.
 4. ``--compile``: the compact LHC-Net training step under ``torch.compile`` (compile time apart).
 
@@ -41,6 +44,7 @@ from lhcnet import create_model  # noqa: E402
 from lhcnet.allocator import keep_freed_memory  # noqa: E402
 from lhcnet.data import to_model_input  # noqa: E402
 from lhcnet.models import lhc_blocks, load_model  # noqa: E402
+from lhcnet.nn.lhc import box_mean  # noqa: E402
 from lhcnet.predict import bundled_model_path  # noqa: E402
 from lhcnet.summary import summarize  # noqa: E402
 
@@ -124,6 +128,9 @@ def flop_ratio(name: str) -> float:
     return summarize(create_model(name)).flops / summarize(create_model(name.removeprefix("lhcnet_"))).flops
 
 
+HOST_SECONDS: dict[tuple[str, bool], float] = {}  # the host's training step of section 1, for section 2's floor
+
+
 def whole_models(only: str, rounds: int) -> None:
     rows = [("compact", "lhcnet_resnet18v2_48", 64, True, True, True, "train, bf16 + channels-last"),
             ("compact", "lhcnet_resnet18v2_48", 64, True, True, True, "train, bf16 + CL, trained weights"),
@@ -143,6 +150,8 @@ def whole_models(only: str, rounds: int) -> None:
         flops.setdefault(name, flop_ratio(name))
         t = interleaved(model_steps(name, batch, train, bf16, cl, "trained" in what), rounds)
         host, new, old = t["host"], t["LHC-Net"], t["LHC-Net (previous LHC)"]
+        if what in ("train, bf16 + channels-last", "train, fp32") and (name, bf16) not in HOST_SECONDS:
+            HOST_SECONDS[name, bf16] = host
         print(f"{name:<22}{batch:>6}  {what:<32}{host:8.3f}{new:9.3f}{old:8.3f}"
               f"{new / host:7.2f}{old / host:12.2f}{flops[name]:11.2f}", flush=True)
 
@@ -176,9 +185,15 @@ def block_step(block: nn.Module, x: torch.Tensor, bf16: bool, forward: Callable 
     return step
 
 
+def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """eq. (3) alone: V = BoxMean3x3(Conv(x)), the block's real-FLOP part."""
+    return box_mean(block.value_conv(x), 3)
+
+
 def per_block(only: str, rounds: int) -> None:
-    print(f"\n2. every LHC block, forward + backward on its model's feature map, fastest of {rounds} (ms)")
-    print(f"{'model':<30}{'block':<8}{'input':<22}{'new':>8}{'previous':>10}{'speed-up':>10}")
+    print(f"\n2. every LHC block, forward + backward on its model's feature map, fastest of {rounds} (ms); "
+          "'V path': eq. (3)'s conv + box mean alone")
+    print(f"{'model':<30}{'block':<8}{'input':<22}{'new':>8}{'previous':>10}{'speed-up':>10}{'V path':>8}")
     for family, name, batch, bf16, trained in (("compact", "lhcnet_resnet18v2_48", 64, True, False),
                                                ("compact", "lhcnet_resnet18v2_48", 64, True, True),
                                                ("paper", "lhcnet_resnet34v2", 16, False, False)):
@@ -186,16 +201,23 @@ def per_block(only: str, rounds: int) -> None:
             continue
         _, inputs = block_inputs(name, batch, bf16, trained)
         label = name + (" (trained)" if trained else "")
-        total_new = total_old = 0.0
+        total_new = total_old = total_value = 0.0
         for place, block, x in inputs:
             t = interleaved({"new": block_step(block, x, bf16),
-                             "previous": block_step(block, x, bf16, previous_forward)}, rounds)
+                             "previous": block_step(block, x, bf16, previous_forward),
+                             "value": block_step(block, x, bf16, value_path)}, rounds)
             total_new, total_old = total_new + t["new"], total_old + t["previous"]
+            total_value += t["value"]
             shape = f"{tuple(x.shape[1:])} {'bf16 CL' if bf16 else 'fp32'}"
             print(f"{label:<30}{place:<8}{shape:<22}{1000 * t['new']:8.1f}{1000 * t['previous']:10.1f}"
-                  f"{t['previous'] / t['new']:10.2f}")
+                  f"{t['previous'] / t['new']:10.2f}{1000 * t['value']:8.1f}")
         print(f"{label:<30}{'all':<8}{'':<22}{1000 * total_new:8.1f}{1000 * total_old:10.1f}"
-              f"{total_old / total_new:10.2f}", flush=True)
+              f"{total_old / total_new:10.2f}{1000 * total_value:8.1f}", flush=True)
+        host = HOST_SECONDS.get((name, bf16))
+        if host and not trained:
+            print(f"{'':<30}training-step ratio if only the V paths cost (floor): "
+                  f"{(host + total_value) / host:.2f}; with the blocks as timed here: "
+                  f"{(host + total_new) / host:.2f} (host step {host:.3f} s, section 1)", flush=True)
 
 
 def profile_blocks(only: str) -> None:

@@ -65,6 +65,12 @@ output must be contiguous: float32 stage-3/4 blocks 1.35-1.6x faster forward + b
 ones ~1.1x. The softmax of a chunk is ``torch.softmax`` in place after the clamp (its fused
 kernel ~1.4x faster than sub, clamp, exp, div). ``torch.compile`` of the whole compact LHC-Net
 (training step, bf16 + channels-last, 1 thread): 1.15 s vs 1.145 eager, no gain.
+The floor (``benchmarks/lhc_speed.py`` section 2, "V path"): eq. (3)'s conv + box mean, 78 % of
+the compact blocks' FLOPs (67 % of the paper's), alone would give training-step ratios 1.33
+(compact, bf16 + CL) and 1.14 (paper); the rest, ~70 % of the compact blocks' time, is small
+memory-bound kernels. The box mean as a depthwise conv stays the fastest of the variants measured
+(forward + backward, 1-2 threads: separable shifted sums 1.6-2.7x, the conv in channels-last
+1.2-2.1x, ``avg_pool2d`` 1.6-5.2x slower).
 Whole-model ratios: ``docs/training.md`` (Speed) and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
