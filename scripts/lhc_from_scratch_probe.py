@@ -8,6 +8,7 @@ Variants: ``plain`` (resnet18v2_48), ``lhc`` (the paper's blocks), ``lhc-clip`` 
 clipped to 5), ``lhc-ls`` (identity start: layer scale 1e-4). The schedule is the stand-alone
 recipe's (SGD Nesterov 0.01, weight decay 5e-4, batch 64, bf16 autocast + channels-last) with the
 warm-up shortened to 200 steps; batches are uniform samples of Training without augmentation.
+``--fp32`` drops the bf16 autocast (the paper trained in float32): whether a failure is bf16's.
 """
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ def main() -> None:
     parser.add_argument("variant", choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast, NCHW float32")
     args = parser.parse_args()
     name, model_args, clip = VARIANTS[args.variant]
     train = load_dataset(args.data).split("Training")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = create_model(name, **model_args).to(memory_format=torch.channels_last).train()
+    memory_format = torch.contiguous_format if args.fp32 else torch.channels_last
+    model = create_model(name, **model_args).to(memory_format=memory_format).train()
     blocks = [m for m in model.modules() if isinstance(m, LHC)]
     largest: dict[int, tuple[float, float]] = {}
 
@@ -54,10 +57,10 @@ def main() -> None:
     losses, start = [], time.time()
     for step in range(args.steps):
         index = rng.choice(len(train.labels), 64, replace=False)
-        x = to_model_input(torch.from_numpy(train.images[index]), 48).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(torch.from_numpy(train.images[index]), 48).contiguous(memory_format=memory_format)
         for group in optimizer.param_groups:
             group["lr"] = 0.01 * min(1.0, (step + 1) / 200)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), torch.from_numpy(train.labels[index]))
         optimizer.zero_grad()
@@ -67,7 +70,7 @@ def main() -> None:
         losses.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
             stream = " ".join(f"b{i}:|x|{x_:.0f}/|O|{o:.0f}" for i, (x_, o) in sorted(largest.items()))
-            print(f"{args.variant} step {step}: loss (last 25) {np.mean(losses[-25:]):.3f} grad norm {norm:.2f} "
+            print(f"{args.variant}{' fp32' if args.fp32 else ''} step {step}: loss (last 25) {np.mean(losses[-25:]):.3f} grad norm {norm:.2f} "
                   f"{stream} ({time.time() - start:.0f} s)", flush=True)
 
 
