@@ -1,4 +1,4 @@
-"""Block ablation, head correlation and attention maps; the ``lhcnet analyze`` commands end to end."""
+"""Block ablation, head correlation, block contribution and attention maps; the ``lhcnet analyze`` commands end to end."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lhcnet.analysis import (_pairwise_abs_correlation, ablation_plan, attention_maps, head_outputs,
-                             lhc_detrained, lhc_switched_off)
+from lhcnet.analysis import (_pairwise_abs_correlation, ablation_plan, attention_maps, block_contribution,
+                             head_outputs, lhc_detrained, lhc_switched_off)
 from lhcnet.cli import main
 from lhcnet.data import to_model_input
 from lhcnet.evaluate import predict_probabilities
@@ -120,6 +120,42 @@ def test_head_outputs_reassemble_into_the_block_output() -> None:
         torch.testing.assert_close(inputs[block] + reassembled, outputs[block])
 
 
+def by_hand_contribution(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """||O|| / ||x|| per face from each block's captured input and its heads' O (eq. 17), averaged."""
+    inputs = {}
+    for place, block in lhc_blocks(model):
+        block.register_forward_pre_hook(lambda m, a, place=place: inputs.__setitem__(place, a[0]))
+    heads = head_outputs(model, to_model_input(images, 48))
+    result = {}
+    for place, block in lhc_blocks(model):
+        x = inputs[place].double()
+        o = heads[place].double().transpose(1, 2).reshape(x.shape)
+        result[place] = float((o.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).mean())
+    return result
+
+
+def test_block_contribution_by_hand_and_under_a_scaled_value_path() -> None:
+    model = create_model(tiny_fer.NAME).eval()
+    images = faces(5)
+    measured = {r.place: r.relative for r in block_contribution(model, images, batch_size=2)}
+    expected = by_hand_contribution(model, images)
+    assert measured.keys() == expected.keys()
+    for place in expected:
+        assert 0 < measured[place] == pytest.approx(expected[place], rel=1e-4)
+    # V = BoxMean(Conv(x)) is linear in the conv's weights and bias and A does not depend on them:
+    # doubling them doubles O, and so the stage-3 block's contribution; zeroing them gives 0.
+    block = dict(lhc_blocks(model))["stage3"]
+    with torch.no_grad():
+        block.value_conv.weight.mul_(2)
+        block.value_conv.bias.mul_(2)
+    doubled = {r.place: r.relative for r in block_contribution(model, images)}
+    assert doubled["stage3"] == pytest.approx(2 * measured["stage3"], rel=1e-4)
+    with torch.no_grad():
+        block.value_conv.weight.zero_()
+        block.value_conv.bias.zero_()
+    assert {r.place: r.relative for r in block_contribution(model, images)}["stage3"] == 0
+
+
 def test_attention_maps_are_the_blocks_row_stochastic_attention() -> None:
     model = create_model(tiny_fer.NAME).eval()
     x = to_model_input(faces(1), 48)
@@ -190,3 +226,20 @@ def test_analyze_attention_end_to_end(trained: tuple[Path, Path, dict[str, int]]
     assert "3 heads x 16x16" in capsys.readouterr().out
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
     assert main(["analyze", "attention", str(model_file), str(face), "--block", "9"]) == 2
+
+
+def test_analyze_contribution_end_to_end(trained: tuple[Path, Path, dict[str, int]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    model_file, csv, _ = trained
+    out = tmp_path / "contribution"
+    assert main(["analyze", "contribution", str(model_file), "--data", str(csv), "--samples", "12",
+                 "--seed", "4", "--out", str(out), "--device", "cpu"]) == 0
+    assert "||y - x|| / ||x||" in capsys.readouterr().out
+    report = json.loads((out / "contribution.json").read_text())
+    assert report["count"] == 12 and [b["place"] for b in report["blocks"]] == ["stem", "stage1", "stage2", "stage3"]
+    images = torch.from_numpy(tiny_fer.split_faces("PrivateTest")[0])
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(4))[:12].sort().values
+    expected = by_hand_contribution(load_model(model_file).float(), images[pick])
+    for b in report["blocks"]:
+        assert b["relative"] == pytest.approx(expected[b["place"]], rel=1e-4)
+    assert main(["analyze", "contribution", str(model_file), "--data", str(csv), "--samples", "0"]) == 2

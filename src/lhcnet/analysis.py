@@ -6,6 +6,8 @@
 - Head correlation: the mean absolute Pearson correlation between the outputs of different heads
   of the same block over a sample of images (the paper compares it with a Transformer encoder's).
 - Attention maps: a block's per-head channel attention ``A`` (eq. 15, C x C per head) for one face.
+- Block contribution (not the paper's): how much each block changes the residual stream it sits
+  on, ``||y - x|| / ||x||`` per face (y = x + O, or its gated / layer-scaled O), averaged.
 
 Switching a block off goes through the placement API of ``lhcnet.models.lhcnet``:
 ``lhc_switched_off`` puts ``nn.Identity`` in the blocks' places (``switch_off_lhc``) while it is
@@ -30,8 +32,8 @@ from .nn import LHC
 
 __all__ = ["lhc_switched_off", "lhc_detrained", "AblationRow", "ablation_plan", "block_ablation",
            "format_ablation", "plot_ablation", "HeadCorrelation", "head_outputs", "head_correlation",
-           "format_head_correlation", "plot_head_correlation", "attention_maps", "plot_attention",
-           "resolve_block"]
+           "format_head_correlation", "plot_head_correlation", "BlockContribution", "block_contribution",
+           "format_block_contribution", "attention_maps", "plot_attention", "resolve_block"]
 
 
 def _check_places(model: nn.Module, places: Sequence[str]) -> None:
@@ -291,6 +293,49 @@ def plot_head_correlation(results: Sequence[HeadCorrelation], path: str | Path, 
         fig.colorbar(image, ax=list(axes[1:]), shrink=0.8)
     fig.suptitle(title or "head correlation per LHC block", fontsize=10)
     return _save(fig, path)
+
+
+@dataclass
+class BlockContribution:
+    """Per block: the mean over faces of ``||y - x|| / ||x||``, what the block adds to its input."""
+
+    place: str
+    relative: float
+
+
+@torch.no_grad()
+def block_contribution(model: nn.Module, images: torch.Tensor, *, batch_size: int = 64,
+                       device: str | torch.device = "cpu") -> list[BlockContribution]:
+    """For uint8 faces ``[N, H, W]``, each LHC block's ``||y - x||_2 / ||x||_2`` per face (x the
+    block's input, y its output, both over all C x H x W values), averaged over the faces: 0 for a
+    block that passes its input through, ~0.1-0.3 for the paper's blocks at initialisation."""
+    from .data import to_model_input
+
+    model = model.to(device).eval()
+    size = int(getattr(model, "input_size", 224))
+    sums: dict[str, float] = {}
+
+    def hook(module: LHC, args: tuple, output: torch.Tensor, place: str) -> None:
+        x = args[0].flatten(1).double()
+        change = (output.flatten(1).double() - x).norm(dim=1) / x.norm(dim=1).clamp(min=1e-300)
+        sums[place] = sums.get(place, 0.0) + float(change.sum())
+
+    handles = [block.register_forward_hook(lambda m, a, o, place=place: hook(m, a, o, place))
+               for place, block in lhc_blocks(model)]
+    try:
+        for start in range(0, len(images), batch_size):
+            model(to_model_input(images[start:start + batch_size].to(device), size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [BlockContribution(place, sums[place] / len(images)) for place, _ in lhc_blocks(model)]
+
+
+def format_block_contribution(results: Sequence[BlockContribution], count: int) -> str:
+    lines = [f"what each LHC block adds to its input, mean ||y - x|| / ||x|| ({count} images)", "",
+             f"{'block':<6}  {'place':<12}  {'||y-x||/||x||':>13}", "-" * 35]
+    lines += [f"{i:<6}  {r.place:<12}  {r.relative:>13.5f}" for i, r in enumerate(results, start=1)]
+    return "\n".join(lines)
 
 
 def resolve_block(model: nn.Module, block: int | str) -> tuple[str, LHC]:

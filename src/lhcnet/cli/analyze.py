@@ -1,4 +1,4 @@
-"""``lhcnet analyze blocks|heads|attention``: the paper's analyses of a trained LHC-Net."""
+"""``lhcnet analyze blocks|heads|contribution|attention``: analyses of a trained LHC-Net."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write_text
 from ..train.distributed import resolve_device
 from .evaluate import add_data_arguments, load_faces, load_models
 
-__all__ = ["register", "run_blocks", "run_heads", "run_attention"]
+__all__ = ["register", "run_blocks", "run_heads", "run_contribution", "run_attention"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     heads.add_argument("--out", default=".", metavar="DIR", help="where to write head_correlation.png/.json")
     heads.add_argument("--json", action="store_true", help="print JSON instead of the table")
     heads.set_defaults(func=run_heads, batch_size=64)
+
+    contribution = groups.add_parser(
+        "contribution", help="how much each LHC block changes its input, ||y - x|| / ||x||",
+        description="Per LHC block, ||y - x|| / ||x|| (x its input, y its output) per face, averaged "
+                    "over a random sample of the split's faces: near 0, the block is close to the "
+                    "identity. Prints one value per block; writes contribution.json.")
+    contribution.add_argument("model", metavar="MODEL_FILE")
+    add_data_arguments(contribution, limit_help="draw the sample from the first N images of the split only")
+    contribution.add_argument("--samples", type=int, default=256, metavar="N",
+                              help="faces in the sample (default 256)")
+    contribution.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    contribution.add_argument("--out", default=".", metavar="DIR", help="where to write contribution.json")
+    contribution.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    contribution.set_defaults(func=run_contribution, batch_size=64)
 
     attention = groups.add_parser(
         "attention", help="one block's per-head channel-attention maps for a face image",
@@ -81,7 +96,7 @@ def run_blocks(args: argparse.Namespace) -> int:
               "places": places, "rows": [asdict(r) for r in rows]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
     title = f"{Path(args.model).name}: LHC block ablation ({args.split}, {len(labels)} images)"
     png = plot_ablation(rows, places, out / "ablation.png", title)
     print(json.dumps(report, indent=2) if args.json else format_ablation(rows, places))
@@ -90,27 +105,49 @@ def run_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace, images: torch.Tensor) -> torch.Tensor:
+    """``--samples`` faces drawn with ``--seed`` (kept in the split's order)."""
+    if args.samples < 1:
+        raise ValueError(f"--samples must be positive, got {args.samples}")
+    generator = torch.Generator().manual_seed(args.seed)
+    return images[torch.randperm(len(images), generator=generator)[:args.samples].sort().values]
+
+
 def run_heads(args: argparse.Namespace) -> int:
     from ..analysis import format_head_correlation, head_correlation, plot_head_correlation
 
     images, _, classes = load_faces(args)
     model, device = _load_one(args, classes)
-    if args.samples < 1:
-        raise ValueError(f"--samples must be positive, got {args.samples}")
-    generator = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(len(images), generator=generator)[:args.samples].sort().values
-    sample = images[pick]
+    sample = _sample(args, images)
     results = head_correlation(model, sample, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
               "blocks": [asdict(r) for r in results]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "head_correlation.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "head_correlation.json", json.dumps(report, indent=2) + "\n")
     title = f"{Path(args.model).name}: head correlation ({args.split}, {len(sample)} images)"
     png = plot_head_correlation(results, out / "head_correlation.png", title)
     print(json.dumps(report, indent=2) if args.json else format_head_correlation(results, len(sample)))
     if not args.json:
         print(f"\nwrote {out / 'head_correlation.json'}, {png}")
+    return 0
+
+
+def run_contribution(args: argparse.Namespace) -> int:
+    from ..analysis import block_contribution, format_block_contribution
+
+    images, _, classes = load_faces(args)
+    model, device = _load_one(args, classes)
+    sample = _sample(args, images)
+    results = block_contribution(model, sample, batch_size=args.batch_size, device=device)
+    report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
+              "blocks": [asdict(r) for r in results]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "contribution.json", json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else format_block_contribution(results, len(sample)))
+    if not args.json:
+        print(f"\nwrote {out / 'contribution.json'}")
     return 0
 
 
