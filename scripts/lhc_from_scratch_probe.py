@@ -1,6 +1,7 @@
 """Why a from-scratch LHC-Net does not learn (issue 14, item 2): a few hundred SGD steps of the
-compact host and of LHC-Net variants on FER2013 Training, printing the loss and, per LHC block, the
-largest |input| and |attention output O| (the residual stream vs what the block adds to it).
+compact host and of LHC-Net variants on FER2013 Training, printing the loss and, per LHC block,
+||y - x|| / ||x|| (mean over the batch's faces: what the block adds to the residual stream, the
+measure of ``lhcnet analyze contribution``) and the largest |x| and |y - x|.
 
     OMP_NUM_THREADS=1 python3 scripts/lhc_from_scratch_probe.py ../shared/data/fer2013.csv.gz lhc --steps 400
 
@@ -43,12 +44,13 @@ def main() -> None:
     memory_format = torch.contiguous_format if args.fp32 else torch.channels_last
     model = create_model(name, **model_args).to(memory_format=memory_format).train()
     blocks = [m for m in model.modules() if isinstance(m, LHC)]
-    largest: dict[int, tuple[float, float]] = {}
+    largest: dict[int, tuple[float, float, float]] = {}
 
     def record(index: int):
         def hook(block, inputs, output):
-            x = inputs[0]
-            largest[index] = (x.detach().abs().max().item(), (output - x).detach().abs().max().item())
+            x, change = inputs[0].detach().float(), (output - inputs[0]).detach().float()
+            relative = (change.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).mean().item()
+            largest[index] = (relative, x.abs().max().item(), change.abs().max().item())
         return hook
 
     for i, block in enumerate(blocks):
@@ -69,7 +71,7 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
-            stream = " ".join(f"b{i}:|x|{x_:.0f}/|O|{o:.0f}" for i, (x_, o) in sorted(largest.items()))
+            stream = " ".join(f"b{i}:{r:.3f}(|x|{x_:.0f},|O|{o:.0f})" for i, (r, x_, o) in sorted(largest.items()))
             print(f"{args.variant}{' fp32' if args.fp32 else ''} step {step}: loss (last 25) {np.mean(losses[-25:]):.3f} grad norm {norm:.2f} "
                   f"{stream} ({time.time() - start:.0f} s)", flush=True)
 
