@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def _load_one(args: argparse.Namespace,
     return load_models([args.model], classes, device)[0][1], device
 
 
+def _report(args: argparse.Namespace, name: str, report: dict, table: str,
+            plot: Callable[[Path], Path] | None = None) -> int:
+    """Write ``--out``/``name``.json (and the plot, if any); print the table or, with --json, the JSON."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2) + "\n")]
+    if plot is not None:
+        written.append(plot(out / f"{name}.png"))
+    print(json.dumps(report, indent=2) if args.json else table)
+    if not args.json:
+        print(f"\nwrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
 def run_blocks(args: argparse.Namespace) -> int:
     from ..analysis import block_ablation, format_ablation, plot_ablation
     from ..models import lhc_blocks
@@ -94,15 +109,9 @@ def run_blocks(args: argparse.Namespace) -> int:
     rows = block_ablation(model, images, labels, seed=args.seed, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(labels), "seed": args.seed,
               "places": places, "rows": [asdict(r) for r in rows]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "ablation.json", json.dumps(report, indent=2) + "\n")
     title = f"{Path(args.model).name}: LHC block ablation ({args.split}, {len(labels)} images)"
-    png = plot_ablation(rows, places, out / "ablation.png", title)
-    print(json.dumps(report, indent=2) if args.json else format_ablation(rows, places))
-    if not args.json:
-        print(f"\nwrote {out / 'ablation.json'}, {png}")
-    return 0
+    return _report(args, "ablation", report, format_ablation(rows, places),
+                   lambda path: plot_ablation(rows, places, path, title))
 
 
 def _sample(args: argparse.Namespace, images: torch.Tensor) -> torch.Tensor:
@@ -122,15 +131,9 @@ def run_heads(args: argparse.Namespace) -> int:
     results = head_correlation(model, sample, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
               "blocks": [asdict(r) for r in results]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "head_correlation.json", json.dumps(report, indent=2) + "\n")
     title = f"{Path(args.model).name}: head correlation ({args.split}, {len(sample)} images)"
-    png = plot_head_correlation(results, out / "head_correlation.png", title)
-    print(json.dumps(report, indent=2) if args.json else format_head_correlation(results, len(sample)))
-    if not args.json:
-        print(f"\nwrote {out / 'head_correlation.json'}, {png}")
-    return 0
+    return _report(args, "head_correlation", report, format_head_correlation(results, len(sample)),
+                   lambda path: plot_head_correlation(results, path, title))
 
 
 def run_contribution(args: argparse.Namespace) -> int:
@@ -142,13 +145,7 @@ def run_contribution(args: argparse.Namespace) -> int:
     results = block_contribution(model, sample, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
               "blocks": [asdict(r) for r in results]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "contribution.json", json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2) if args.json else format_block_contribution(results, len(sample)))
-    if not args.json:
-        print(f"\nwrote {out / 'contribution.json'}")
-    return 0
+    return _report(args, "contribution", report, format_block_contribution(results, len(sample)))
 
 
 def run_attention(args: argparse.Namespace) -> int:
