@@ -39,13 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "heads", help="mean |Pearson r| between the outputs of different heads, per block",
         description="The paper's head-correlation measure over a random sample of the split's faces. "
                     "Prints one value per block; writes head_correlation.png/.json.")
-    heads.add_argument("model", metavar="MODEL_FILE")
-    add_data_arguments(heads, limit_help="draw the sample from the first N images of the split only")
-    heads.add_argument("--samples", type=int, default=256, metavar="N",
-                       help="faces in the sample (default 256)")
-    heads.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    heads.add_argument("--out", default=".", metavar="DIR", help="where to write head_correlation.png/.json")
-    heads.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_sample_arguments(heads, "head_correlation.png/.json")
     heads.set_defaults(func=run_heads, batch_size=64)
 
     contribution = groups.add_parser(
@@ -53,13 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Per LHC block, ||y - x|| / ||x|| (x its input, y its output) per face, averaged "
                     "over a random sample of the split's faces: near 0, the block is close to the "
                     "identity. Prints one value per block; writes contribution.json.")
-    contribution.add_argument("model", metavar="MODEL_FILE")
-    add_data_arguments(contribution, limit_help="draw the sample from the first N images of the split only")
-    contribution.add_argument("--samples", type=int, default=256, metavar="N",
-                              help="faces in the sample (default 256)")
-    contribution.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    contribution.add_argument("--out", default=".", metavar="DIR", help="where to write contribution.json")
-    contribution.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_sample_arguments(contribution, "contribution.json")
     contribution.set_defaults(func=run_contribution, batch_size=64)
 
     attention = groups.add_parser(
@@ -74,6 +62,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="picture to write (default attention.png)")
     attention.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 or auto")
     attention.set_defaults(func=run_attention)
+
+
+def _add_sample_arguments(parser: argparse.ArgumentParser, writes: str) -> None:
+    """MODEL_FILE, the data options and --samples/--seed/--out/--json of an analysis of a sample."""
+    parser.add_argument("model", metavar="MODEL_FILE")
+    add_data_arguments(parser, limit_help="draw the sample from the first N images of the split only")
+    parser.add_argument("--samples", type=int, default=256, metavar="N", help="faces in the sample (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument("--out", default=".", metavar="DIR", help=f"where to write {writes}")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def _load_one(args: argparse.Namespace,
@@ -114,20 +112,20 @@ def run_blocks(args: argparse.Namespace) -> int:
                    lambda path: plot_ablation(rows, places, path, title))
 
 
-def _sample(args: argparse.Namespace, images: torch.Tensor) -> torch.Tensor:
-    """``--samples`` faces drawn with ``--seed`` (kept in the split's order)."""
+def _model_and_sample(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device, torch.Tensor]:
+    """The model and ``--samples`` faces of the split drawn with ``--seed`` (in the split's order)."""
     if args.samples < 1:
         raise ValueError(f"--samples must be positive, got {args.samples}")
+    images, _, classes = load_faces(args)
+    model, device = _load_one(args, classes)
     generator = torch.Generator().manual_seed(args.seed)
-    return images[torch.randperm(len(images), generator=generator)[:args.samples].sort().values]
+    return model, device, images[torch.randperm(len(images), generator=generator)[:args.samples].sort().values]
 
 
 def run_heads(args: argparse.Namespace) -> int:
     from ..analysis import format_head_correlation, head_correlation, plot_head_correlation
 
-    images, _, classes = load_faces(args)
-    model, device = _load_one(args, classes)
-    sample = _sample(args, images)
+    model, device, sample = _model_and_sample(args)
     results = head_correlation(model, sample, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
               "blocks": [asdict(r) for r in results]}
@@ -139,9 +137,7 @@ def run_heads(args: argparse.Namespace) -> int:
 def run_contribution(args: argparse.Namespace) -> int:
     from ..analysis import block_contribution, format_block_contribution
 
-    images, _, classes = load_faces(args)
-    model, device = _load_one(args, classes)
-    sample = _sample(args, images)
+    model, device, sample = _model_and_sample(args)
     results = block_contribution(model, sample, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "split": args.split, "count": len(sample), "seed": args.seed,
               "blocks": [asdict(r) for r in results]}
