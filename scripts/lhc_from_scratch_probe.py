@@ -10,6 +10,8 @@ clipped to 5), ``lhc-ls`` (identity start: layer scale 1e-4). The schedule is th
 recipe's (SGD Nesterov 0.01, weight decay 5e-4, batch 64, bf16 autocast + channels-last) with the
 warm-up shortened to 200 steps; batches are uniform samples of Training without augmentation.
 ``--fp32`` drops the bf16 autocast (the paper trained in float32): whether a failure is bf16's.
+``--adam`` trains with Adam at lr 1e-4 instead (the paper's stand-alone stage 1, spec §4) with
+the same warm-up: whether the paper's own small steps avoid a failure.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast, NCHW float32")
+    parser.add_argument("--adam", action="store_true", help="Adam lr 1e-4 (the paper's stand-alone stage 1)")
     args = parser.parse_args()
     name, model_args, clip = VARIANTS[args.variant]
     train = load_dataset(args.data).split("Training")
@@ -55,13 +58,17 @@ def main() -> None:
 
     for i, block in enumerate(blocks):
         block.register_forward_hook(record(i))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if args.adam:
+        optimizer, peak_lr = torch.optim.Adam(model.parameters(), lr=1e-4), 1e-4
+    else:
+        optimizer, peak_lr = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                             weight_decay=5e-4), 0.01
     losses, start = [], time.time()
     for step in range(args.steps):
         index = rng.choice(len(train.labels), 64, replace=False)
         x = to_model_input(torch.from_numpy(train.images[index]), 48).contiguous(memory_format=memory_format)
         for group in optimizer.param_groups:
-            group["lr"] = 0.01 * min(1.0, (step + 1) / 200)
+            group["lr"] = peak_lr * min(1.0, (step + 1) / 200)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), torch.from_numpy(train.labels[index]))
@@ -72,7 +79,7 @@ def main() -> None:
         losses.append(loss.item())
         if step % 25 == 0 or step == args.steps - 1:
             stream = " ".join(f"b{i}:{r:.3f}(|x|{x_:.0f},|O|{o:.0f})" for i, (r, x_, o) in sorted(largest.items()))
-            print(f"{args.variant}{' fp32' if args.fp32 else ''} step {step}: loss (last 25) {np.mean(losses[-25:]):.3f} grad norm {norm:.2f} "
+            print(f"{args.variant}{' fp32' if args.fp32 else ''}{' adam' if args.adam else ''} step {step}: loss (last 25) {np.mean(losses[-25:]):.3f} grad norm {norm:.2f} "
                   f"{stream} ({time.time() - start:.0f} s)", flush=True)
 
 
