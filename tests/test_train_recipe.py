@@ -104,6 +104,17 @@ def test_standalone_recipes_are_the_probe_base_schedule_with_and_without_lhc() -
     assert dataclasses.replace(lhc_ls[0], model_args={}) == lhc[0]
 
 
+def test_adam_standalone_recipes_change_only_the_optimiser() -> None:
+    """The second stand-alone pair: the first one's schedule with the paper's stand-alone stage-1
+    optimiser (Adam 1e-4, Keras' eps, no weight decay); again only the model differs."""
+    plain, lhc = (load_recipe(RECIPES / f"fer2013_standalone_adam_{name}.toml").stages[0] for name in ("plain", "lhc"))
+    sgd_plain = load_recipe(RECIPES / "fer2013_standalone_plain.toml").stages[0]
+    assert (plain.model, lhc.model) == ("resnet18v2_48", "lhcnet_resnet18v2_48")
+    assert dataclasses.replace(lhc, model=plain.model) == plain
+    assert plain.optimizer.type == "adam" and plain.optimizer.lr == 1e-4 and plain.optimizer.weight_decay == 0
+    assert dataclasses.replace(plain, optimizer=sgd_plain.optimizer) == sgd_plain
+
+
 def test_long_stage4_recipes_differ_only_in_the_lhc_blocks() -> None:
     """Issue 14's sets A, C and C with identity start: one stage 4 from the fer2013_long backbone,
     until early stopping (no cap), the paper's filter at margin 0; only the model differs."""
