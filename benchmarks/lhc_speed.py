@@ -42,7 +42,6 @@ from predict_helpers import synthetic_faces  # noqa: E402
 
 from lhcnet import create_model  # noqa: E402
 from lhcnet.allocator import keep_freed_memory  # noqa: E402
-from lhcnet.denormals import flush_denormals  # noqa: E402
 from lhcnet.data import to_model_input  # noqa: E402
 from lhcnet.models import lhc_blocks, load_model  # noqa: E402
 from lhcnet.nn.lhc import box_mean  # noqa: E402
@@ -279,18 +278,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings (lhcnet train changes them: lhcnet.allocator)")
-    parser.add_argument("--keep-denormals", action="store_true",
-                        help="no flush-to-zero (lhcnet train flushes: lhcnet.denormals)")
     args = parser.parse_args()
-    # before the first parallel op, as in lhcnet train (the threads copy the mode when they start)
-    denormals = "flushed to zero, as in lhcnet train" if not args.keep_denormals and flush_denormals() else "kept"
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
     if args.default_malloc:
         allocator = "glibc default"
     else:
         allocator = "freed memory kept, as in lhcnet train" if keep_freed_memory() else "not glibc: default"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {allocator}, denormals: {denormals}; "
-          f"start: {load()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {allocator}; start: {load()}")
     whole_models(args.only, args.rounds)
     if not args.skip_blocks:
         per_block(args.only, args.rounds)

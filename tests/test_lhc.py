@@ -307,10 +307,8 @@ def fer2013_public_faces(count: int) -> np.ndarray:
 
 
 @requires_shared_data
-@pytest.mark.parametrize("flushing", [False, True])  # True: compact stages 2-4 take the fused kernel
-def test_bundled_model_logits_equal_the_previous_implementation_on_fer2013_faces(monkeypatch, flushing) -> None:
+def test_bundled_model_logits_equal_the_previous_implementation_on_fer2013_faces() -> None:
     """The acceptance check of the speed work: 64 real faces, float32, the bundled LHC-Net."""
-    monkeypatch.setattr(lhc_module.denormals, "flushing", lambda: flushing)
     from lhcnet.data import to_model_input
     from lhcnet.models import load_model
     from lhcnet.predict import bundled_model_path
@@ -346,41 +344,3 @@ def test_layer_scale_zero_gradients_reach_the_scale_first_then_the_attention() -
         optimizer.step()
     m.reset_parameters()
     assert m.layer_scale.abs().max() == 0  # de-training resets gamma to its initial value
-
-
-@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
-def test_fused_kernel_path_where_denormals_flush_matches_the_float64_chain(monkeypatch, v_dtype) -> None:
-    """With flush-to-zero on (as in lhcnet train), float32 thin heads (C >= 4 max(d, r)) take
-    scaled_dot_product_attention on zero-padded q, k, v: the float64 chain's numbers and gradients."""
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(lhc_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    monkeypatch.setattr(lhc_module.denormals, "flushing", lambda: True)
-    g = torch.Generator().manual_seed(7)
-    q, k = (torch.randn(2, 3, 24, 3, generator=g) * 3 for _ in range(2))
-    v = torch.randn(2, 3, 24, 6, generator=g).to(v_dtype)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = lhc_module.channel_attention(q, k, v)
-    assert calls and out.dtype == v_dtype and out.shape == (2, 3, 24, 6)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    slow = plain_attention(q64, k64, v64)
-    tol = 1e-5 if v_dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.double(), slow, rtol=tol, atol=tol)
-    weights = torch.randn(slow.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out.double() * weights).sum(), (q, k, v))
-    grads_slow = torch.autograd.grad((slow * weights).sum(), (q64, k64, v64))
-    for a, b in zip(grads, grads_slow):
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
-
-
-def test_fused_kernel_only_with_flushing_float32_and_thin_heads(monkeypatch) -> None:
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(lhc_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    thin = [torch.randn(1, 2, 24, 3), torch.randn(1, 2, 24, 3), torch.randn(1, 2, 24, 6)]
-    for flushing, tensors in ((False, thin),                                            # denormals kept
-                              (True, [t.double() for t in thin]),                       # float64
-                              (True, [thin[0], thin[1], torch.randn(1, 2, 24, 7)])):    # r = 7 > C / 4
-        monkeypatch.setattr(lhc_module.denormals, "flushing", lambda flushing=flushing: flushing)
-        lhc_module.channel_attention(*tensors)
-    assert not calls

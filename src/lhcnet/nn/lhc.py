@@ -82,8 +82,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import denormals
-
 __all__ = ["LHC", "box_mean"]
 
 
@@ -262,24 +260,6 @@ class _ChannelAttention(torch.autograd.Function):
         return grad_q.to(q.dtype).reshape(q_shape), grad_k.reshape(k_shape), _unflatten(grad_v, v_shape), None, None
 
 
-def _fused_kernel_wins(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether PyTorch's fused CPU attention kernel beats the chunks: float32 thin heads (C at
-    least 4x both d and r: compact stages 2-4), and only where denormals flush to zero
-    (``lhcnet.denormals``), since it cannot floor the logits as ``_attention_chunk`` does."""
-    c, width = q.shape[-2], max(q.shape[-1], v.shape[-1])
-    return q.dtype == torch.float32 and q.device.type == "cpu" and c >= 4 * width and denormals.flushing()
-
-
-def _padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """eqs. (11), (15), (16) by ``scaled_dot_product_attention(q, k, v, scale=1)``, float32, with
-    q, k and v zero-padded to one width (its fused kernel needs d = r; zero columns of q and k add
-    nothing to the scores, those of v give output columns that are dropped); result in v's dtype."""
-    d, r, dtype = q.shape[-1], v.shape[-1], v.dtype
-    width = max(d, r)
-    q, k, v = F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v.to(q.dtype), (0, width - r))
-    return F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :r].to(dtype)
-
-
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """eqs. (11), (15), (16): ``softmax(q k^T) v`` per head, (B, n, C, d), (B, n, C, d), (B, n, C, r) -> (B, n, C, r).
 
@@ -298,13 +278,9 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
       an output moves by less than ``C * 4e-18 * max|v|``: nothing in float32, < 1e-12 in the
       float64 reference test.
     Under tracing, export or ``torch.compile`` the plain chain is used (no data-dependent loop).
-    Where denormals flush to zero (``lhcnet train``: ``lhcnet.denormals``), float32 thin heads take
-    PyTorch's fused kernel instead (``_padded_sdpa``: same numbers to float32 rounding).
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1).to(v.dtype) @ v
-    if _fused_kernel_wins(q, v):
-        return _padded_sdpa(q, k, v)
     c, map_bytes = q.shape[-2], q.shape[-2] ** 2 * q.element_size()
     chunk = max(1, _CHUNK_BYTES * torch.get_num_threads() // map_bytes)  # each thread's share in its L2
     store = torch.is_grad_enabled() and q.numel() // (c * q.shape[-1]) * map_bytes <= _STORE_BYTES
