@@ -71,6 +71,15 @@ the compact blocks' FLOPs (67 % of the paper's), alone would give training-step 
 memory-bound kernels. The box mean as a depthwise conv stays the fastest of the variants measured
 (forward + backward, 1-2 threads: separable shifted sums 1.6-2.7x, the conv in channels-last
 1.2-2.1x, ``avg_pool2d`` 1.6-5.2x slower).
+Fourth round (dropped, commit ab50615, ``docs/runs/benchmarks/lhc_speed-2026-12-04-fused-sdpa.txt``):
+flush-to-zero for the whole process (``torch.set_flush_denormal`` before the thread pool starts,
+as TensorFlow's thread pools do) removes the denormal cost of ``scaled_dot_product_attention``, and
+in isolation (1 thread, float32 contiguous q, k, v of the bundled model, zero-padded to one width)
+its fused kernel then took 55 ms instead of 108 (stage 3) and 24 instead of 47 (stage 4) for
+forward + backward. Inside the compact model (2 threads, bf16 + channels-last, with its pads, casts
+and copies) it lost: stage 3 81 ms vs 61 for these chunks, stage 4 67 vs 53, training-step ratio
+2.89 vs 2.31 in the same session. Flushing alone gains nothing here (the chunks already floor the
+logits); it does speed up the plain chain on trained weights (97 -> 55 ms at stage 3).
 Whole-model ratios: ``docs/training.md`` (Speed) and ``benchmarks/lhc_speed.py``.
 """
 from __future__ import annotations
