@@ -36,21 +36,29 @@ def metric_rows(run_dir: Path) -> list[tuple[str, ...]]:
         return [tuple(row[c] for c in METRIC_COLUMNS) for row in csv.DictReader(f)]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The data as a CSV file, the recipe, and the uninterrupted reference run (in-process)."""
-    tmp = tmp_path_factory.mktemp("resume")
+def reference_run(tmp: Path, max_epochs: int) -> tuple[Path, Path, Path]:
+    """The data as a CSV file, the two-stage recipe, and its uninterrupted run (in-process, 1 thread)."""
     data = tm.write_fer2013_csv(tm.synthetic_faces(), tmp / "faces.csv")
-    recipe = tm.two_stage_recipe(tmp / "recipe.toml", max_epochs=4)
+    recipe = tm.two_stage_recipe(tmp / "recipe.toml", max_epochs=max_epochs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    reference = train(load_recipe(recipe), load_dataset(data, labels="fer2013", cache_dir=False),
-                      tmp / "reference", TrainOptions(device="cpu", progress=False))
-    torch.set_num_threads(threads)
+    try:
+        reference = train(load_recipe(recipe), load_dataset(data, labels="fer2013", cache_dir=False),
+                          tmp / "reference", TrainOptions(device="cpu", progress=False))
+    finally:
+        torch.set_num_threads(threads)
     assert reference.status == "finished"
+    return data, recipe, reference.out_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The data, the recipe, and the uninterrupted reference run."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data, recipe, reference = reference_run(tmp, max_epochs=4)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LHCNET_HOME", str(tmp / "home"))  # the data cache of `lhcnet train --data`
-        yield tmp, data, recipe, reference.out_dir
+        yield tmp, data, recipe, reference
 
 
 def assert_same_run(run: Path, reference: Path) -> None:

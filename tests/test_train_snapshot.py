@@ -12,11 +12,9 @@ from safetensors import safe_open
 
 import tiny_models as tm
 from lhcnet.cli import main as lhcnet_main
-from lhcnet.data import load_dataset
-from lhcnet.train import TrainOptions, load_recipe, train
 from lhcnet.train.checkpoint import load_checkpoint
 from lhcnet.train.snapshot import pack_snapshot, unpack_snapshot
-from test_train_resume import BATCHES_PER_EPOCH, assert_same_run, metric_rows
+from test_train_resume import BATCHES_PER_EPOCH, assert_same_run, metric_rows, reference_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_snapshot.py"
 
@@ -25,14 +23,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_snapshot.py"
 def stopped(tmp_path_factory):
     """The uninterrupted reference run, and the same run stopped by SIGTERM in stage 1, epoch 2."""
     tmp = tmp_path_factory.mktemp("snapshot")
-    data = tm.write_fer2013_csv(tm.synthetic_faces(), tmp / "faces.csv")
-    recipe = tm.two_stage_recipe(tmp / "recipe.toml", max_epochs=3)
+    data, recipe, reference = reference_run(tmp, max_epochs=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = train(load_recipe(recipe), load_dataset(data, labels="fer2013", cache_dir=False),
-                          tmp / "reference", TrainOptions(device="cpu", progress=False))
-        assert reference.status == "finished"
         with pytest.MonkeyPatch.context() as env:
             env.setenv("LHCNET_HOME", str(tmp / "home"))
             env.setattr(tm, "_forwards", 0)
@@ -42,7 +36,7 @@ def stopped(tmp_path_factory):
                                 "--device", "cpu", "--no-progress"]) == 130
     finally:
         torch.set_num_threads(threads)
-    yield tmp, data, reference.out_dir, out
+    yield tmp, data, reference, out
 
 
 def resume(run: Path, data: Path, home: Path) -> None:
