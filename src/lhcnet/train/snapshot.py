@@ -40,8 +40,7 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor], seen: dict[
     """``value`` as JSON; its tensors go into ``tensors`` (by path, each distinct one once)."""
     if isinstance(value, torch.Tensor):
         original = value.detach().cpu().contiguous()
-        digest = hashlib.sha256(original.numpy().tobytes() if original.dtype != torch.bfloat16
-                                else original.view(torch.int16).numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(original.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
         key = f"{digest}:{original.dtype}:{tuple(original.shape)}"
         if key not in seen:
             stored = original
@@ -82,9 +81,7 @@ def pack_snapshot(run_dir: str | Path, out: str | Path, dtype: torch.dtype = tor
     if not optimizer_state and isinstance(state.get("optimizer"), dict):
         state = {**state, "optimizer": {**state["optimizer"], "state": {}}}
     tensors: dict[str, torch.Tensor] = {}
-    metadata = {"format": SNAPSHOT_FORMAT,
-                "state": json.dumps(_encode(state, "state", tensors, {}, dtype)),
-                "optimizer_state": str(optimizer_state).lower()}
+    metadata = {"format": SNAPSHOT_FORMAT, "state": json.dumps(_encode(state, "state", tensors, {}, dtype))}
     for name in RUN_TEXT_FILES:
         if (run_dir / name).is_file():
             metadata[f"file:{name}"] = (run_dir / name).read_bytes().decode("utf-8")  # line ends kept
